@@ -1,0 +1,365 @@
+//! In-process bus (`bus.url = memory://`): a durable queue in the SQLite database.
+//!
+//! It mirrors the broker adapter's semantics so that switching `bus.url` changes where
+//! messages wait, not how they behave: per-queue bindings, at-least-once delivery,
+//! attempts counted per message, exponential backoff between retries (no head-of-line
+//! blocking: a retrying message waits while later ones pass), dead letters with the error
+//! and attempt count. Because the queue lives in the database, a message waiting for a
+//! retry survives a crash or a restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::SqlitePool;
+use sqlx::types::uuid::fmt::Hyphenated;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{Binding, BusError, Envelope, EventBus, EventHandler, HandlerError, headers};
+use crate::resilience::Backoff;
+
+/// How deliveries are retried.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub handler_timeout: Duration,
+    /// Longest an idle consumer sleeps before looking for due messages again.
+    pub poll_interval: Duration,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Acked,
+    /// Failed transiently; delivered again after `delay`.
+    Retried {
+        attempt: u32,
+        delay: Duration,
+    },
+    DeadLettered {
+        attempt: u32,
+    },
+}
+
+/// A message given up on, as an operator sees it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub queue: String,
+    #[schema(value_type = String, format = Uuid)]
+    pub message_id: Hyphenated,
+    pub routing_key: String,
+    pub payload: String,
+    pub attempts: i64,
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+pub struct InProcessBus {
+    pool: SqlitePool,
+    bindings: Vec<Binding>,
+    policy: DeliveryPolicy,
+    wake: Arc<Notify>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    message_id: Hyphenated,
+    routing_key: String,
+    payload: String,
+    headers: String,
+    occurred_at: DateTime<Utc>,
+    attempts: i64,
+}
+
+impl ClaimedRow {
+    fn into_envelope(self) -> (Envelope, u32) {
+        let headers: BTreeMap<String, String> =
+            serde_json::from_str(&self.headers).unwrap_or_else(|error| {
+                tracing::warn!(%error, "message headers are not a JSON object; delivering without them");
+                BTreeMap::new()
+            });
+        let envelope = Envelope {
+            id: self.message_id.into_uuid(),
+            routing_key: self.routing_key,
+            payload: self.payload,
+            headers,
+            occurred_at: self.occurred_at,
+        };
+        (envelope, u32::try_from(self.attempts).unwrap_or(u32::MAX))
+    }
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl InProcessBus {
+    pub fn new(pool: SqlitePool, bindings: Vec<Binding>, policy: DeliveryPolicy) -> Self {
+        Self {
+            pool,
+            bindings,
+            policy,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Claims the next due message of `binding`'s queue, hands it to `handler` and
+    /// records the outcome. `None` when nothing is due. This is one step of
+    /// [`EventBus::consume`]; tests call it directly to drive delivery step by step.
+    pub async fn process_next(
+        &self,
+        binding: &Binding,
+        handler: &dyn EventHandler,
+    ) -> Result<Option<Outcome>, BusError> {
+        let now = now_ms();
+        // The claim doubles as a lease: if this process dies mid-delivery, the message
+        // becomes due again once the handler timeout (plus a margin) has passed.
+        let lease_until = now + millis(self.policy.handler_timeout) + 5_000;
+        let claimed: Option<ClaimedRow> = sqlx::query_as(
+            "UPDATE bus_messages
+                SET attempts = attempts + 1, available_at_ms = ?1,
+                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+              WHERE queue = ?2 AND message_id = (
+                    SELECT message_id FROM bus_messages
+                     WHERE queue = ?2 AND available_at_ms <= ?3
+                     ORDER BY available_at_ms, message_id LIMIT 1)
+          RETURNING message_id, routing_key, payload, headers, occurred_at, attempts",
+        )
+        .bind(lease_until)
+        .bind(binding.queue)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = claimed else {
+            return Ok(None);
+        };
+        let (envelope, attempt) = row.into_envelope();
+        let span = tracing::info_span!(
+            "message",
+            queue = binding.queue,
+            message_id = %envelope.id,
+            routing_key = %envelope.routing_key,
+            request_id = envelope.header(headers::REQUEST_ID).unwrap_or("-"),
+            attempt,
+        );
+        self.deliver(binding, handler, envelope, attempt)
+            .instrument(span)
+            .await
+            .map(Some)
+    }
+
+    async fn deliver(
+        &self,
+        binding: &Binding,
+        handler: &dyn EventHandler,
+        envelope: Envelope,
+        attempt: u32,
+    ) -> Result<Outcome, BusError> {
+        let result = tokio::time::timeout(self.policy.handler_timeout, handler.handle(&envelope))
+            .await
+            .unwrap_or_else(|_| {
+                Err(HandlerError::Transient(format!(
+                    "handler timed out after {:?}",
+                    self.policy.handler_timeout
+                )))
+            });
+        let error = match result {
+            Ok(()) => {
+                sqlx::query("DELETE FROM bus_messages WHERE queue = ?1 AND message_id = ?2")
+                    .bind(binding.queue)
+                    .bind(envelope.id.hyphenated())
+                    .execute(&self.pool)
+                    .await?;
+                tracing::debug!("message acknowledged");
+                return Ok(Outcome::Acked);
+            }
+            Err(HandlerError::Permanent(error)) => {
+                tracing::warn!(%error, "message cannot be processed; dead-lettering it");
+                error
+            }
+            Err(HandlerError::Transient(error)) if attempt < self.policy.max_attempts => {
+                let delay = self.policy.backoff.delay(attempt);
+                sqlx::query(
+                    "UPDATE bus_messages
+                        SET available_at_ms = ?1, last_error = ?2,
+                            updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                      WHERE queue = ?3 AND message_id = ?4",
+                )
+                .bind(now_ms() + millis(delay))
+                .bind(&error)
+                .bind(binding.queue)
+                .bind(envelope.id.hyphenated())
+                .execute(&self.pool)
+                .await?;
+                tracing::warn!(%error, retry_in_ms = millis(delay), "delivery failed; will retry");
+                return Ok(Outcome::Retried { attempt, delay });
+            }
+            Err(HandlerError::Transient(error)) => {
+                tracing::error!(%error, "delivery failed on the last attempt; dead-lettering it");
+                error
+            }
+        };
+        self.dead_letter(binding, &envelope, attempt, &error)
+            .await?;
+        handler.on_dead_letter(&envelope, &error).await;
+        Ok(Outcome::DeadLettered { attempt })
+    }
+
+    async fn dead_letter(
+        &self,
+        binding: &Binding,
+        envelope: &Envelope,
+        attempt: u32,
+        error: &str,
+    ) -> Result<(), BusError> {
+        let headers = serde_json::to_string(&envelope.headers)
+            .map_err(|e| BusError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO dead_letters
+                 (queue, message_id, routing_key, payload, headers, occurred_at, attempts, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(binding.queue)
+        .bind(envelope.id.hyphenated())
+        .bind(&envelope.routing_key)
+        .bind(&envelope.payload)
+        .bind(headers)
+        .bind(envelope.occurred_at)
+        .bind(i64::from(attempt))
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM bus_messages WHERE queue = ?1 AND message_id = ?2")
+            .bind(binding.queue)
+            .bind(envelope.id.hyphenated())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Dead letters, newest first.
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(sqlx::query_as(
+            "SELECT id, queue, message_id, routing_key, payload, attempts, error, created_at,
+                    replayed_at
+               FROM dead_letters ORDER BY id DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Messages of `queue` not yet acknowledged or dead-lettered.
+    pub async fn pending(&self, queue: &str) -> Result<u64, BusError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bus_messages WHERE queue = ?1")
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// How long until the earliest message of `queue` is due (zero if one is due now).
+    async fn next_due_in(&self, queue: &str) -> Result<Option<Duration>, BusError> {
+        let next: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(available_at_ms) FROM bus_messages WHERE queue = ?1")
+                .bind(queue)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(next.map(|at| Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))))
+    }
+}
+
+#[async_trait]
+impl EventBus for InProcessBus {
+    async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        let headers = serde_json::to_string(&envelope.headers)
+            .map_err(|e| BusError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
+        for binding in self
+            .bindings
+            .iter()
+            .filter(|b| b.routing_key == envelope.routing_key)
+        {
+            // Re-publishing the same event (the relay crashed before marking it sent)
+            // must not queue it twice.
+            sqlx::query(
+                "INSERT INTO bus_messages
+                     (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (queue, message_id) DO NOTHING",
+            )
+            .bind(binding.queue)
+            .bind(envelope.id.hyphenated())
+            .bind(&envelope.routing_key)
+            .bind(&envelope.payload)
+            .bind(&headers)
+            .bind(envelope.occurred_at)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        binding: &Binding,
+        handler: Arc<dyn EventHandler>,
+        shutdown: CancellationToken,
+    ) {
+        tracing::info!(queue = binding.queue, "consumer started");
+        let mut consecutive_errors = 0;
+        while !shutdown.is_cancelled() {
+            let wait = match self.process_next(binding, handler.as_ref()).await {
+                Ok(Some(_)) => {
+                    consecutive_errors = 0;
+                    continue;
+                }
+                Ok(None) => {
+                    consecutive_errors = 0;
+                    match self.next_due_in(binding.queue).await {
+                        Ok(Some(due)) => due.min(self.policy.poll_interval),
+                        Ok(None) => self.policy.poll_interval,
+                        Err(error) => {
+                            tracing::warn!(%error, "could not read the next due time");
+                            self.policy.poll_interval
+                        }
+                    }
+                }
+                Err(error) => {
+                    consecutive_errors += 1;
+                    let wait = self.policy.backoff.delay(consecutive_errors);
+                    tracing::error!(%error, retry_in_ms = millis(wait), "consumer could not read its queue");
+                    wait
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!(queue = binding.queue, "consumer stopped");
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Event bus port: envelopes, publishers, consumers and dead letters.
+
+pub mod in_process;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use in_process::{DeadLetter, InProcessBus, Outcome};
+
+/// Header names carried by every envelope.
+pub mod headers {
+    /// Version of the payload schema for the routing key.
+    pub const EVENT_VERSION: &str = "event_version";
+    /// Request id of the HTTP request that caused the event, for log correlation.
+    pub const REQUEST_ID: &str = "request_id";
+}
+
+/// One message on the bus: an opaque JSON payload plus routing and tracing metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per event (UUIDv7); consumers de-duplicate on it.
+    pub id: Uuid,
+    pub routing_key: String,
+    /// JSON text. Kept as text so a malformed message can still be carried to the
+    /// dead letters and shown to an operator.
+    pub payload: String,
+    pub headers: BTreeMap<String, String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl Envelope {
+    pub fn new(routing_key: &str, payload: String, headers: BTreeMap<String, String>) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            routing_key: routing_key.to_owned(),
+            payload,
+            headers,
+            occurred_at: Utc::now().trunc_subsecs(3),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus storage failed: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("bus message is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why a handler did not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying later (a store down, a timeout).
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (unparseable payload, unknown version): dead-letter now.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// A consumer of one queue.
+#[async_trait]
+pub trait EventHandler: Send + Sync {
+    async fn handle(&self, envelope: &Envelope) -> Result<(), HandlerError>;
+
+    /// Called once when a message is given up on, so the module can record the
+    /// failure where its readers will see it. Best effort: it must not fail.
+    async fn on_dead_letter(&self, _envelope: &Envelope, _error: &str) {}
+}
+
+/// The bus as the rest of the application sees it. `memory://` is [`InProcessBus`].
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    /// Returns once the bus has durably accepted the envelope (for a broker: after the
+    /// publisher confirm). Only then may the outbox mark it sent.
+    async fn publish(&self, envelope: &Envelope) -> Result<(), BusError>;
+
+    /// Delivers messages of `binding` to `handler` until `shutdown` is cancelled,
+    /// stopping between messages.
+    async fn consume(
+        &self,
+        binding: &Binding,
+        handler: std::sync::Arc<dyn EventHandler>,
+        shutdown: tokio_util::sync::CancellationToken,
+    );
+
+    /// Cheap reachability check for `/health/ready`.
+    async fn ping(&self) -> Result<(), BusError>;
+}
+
+/// A queue and the routing key it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub queue: &'static str,
+    pub routing_key: &'static str,
+}

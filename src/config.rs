@@ -1,0 +1,161 @@
+//! Settings: embedded defaults < config/default.toml < config/$APP_ENV.toml < APP__* env.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const EMBEDDED_DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub documents: DocumentsSettings,
+    pub cache: CacheSettings,
+    pub bus: BusSettings,
+    pub outbox: OutboxSettings,
+    pub worker: WorkerSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub body_limit_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// May carry a password (postgres://user:pass@…), so it never reaches a log.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DocumentsSettings {
+    pub url: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CacheSettings {
+    pub url: SecretString,
+    pub ttl_secs: u64,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BusSettings {
+    pub url: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OutboxSettings {
+    pub poll_interval_ms: u64,
+    pub batch_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub handler_timeout_ms: u64,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Settings {
+    /// Loads the settings for `APP_ENV` (default `local`) from `APP_CONFIG_DIR`
+    /// (default `./config`) and the process environment.
+    pub fn load() -> Result<Self, config::ConfigError> {
+        let environment = std::env::var("APP_ENV").unwrap_or_else(|_| "local".into());
+        Self::load_for(&environment)
+    }
+
+    /// Loads the settings of one named environment (`local`, `test`, `production`, …).
+    pub fn load_for(environment: &str) -> Result<Self, config::ConfigError> {
+        let dir = std::env::var_os("APP_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config"));
+        Config::builder()
+            .add_source(File::from_str(EMBEDDED_DEFAULTS, FileFormat::Toml))
+            .add_source(File::from(dir.join("default.toml")).required(false))
+            .add_source(File::from(dir.join(format!("{environment}.toml"))).required(false))
+            .add_source(
+                Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()
+    }
+}
+
+impl DatabaseSettings {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
+
+impl WorkerSettings {
+    pub fn handler_timeout(&self) -> Duration {
+        Duration::from_millis(self.handler_timeout_ms)
+    }
+}
+
+/// The scheme of a configured URL (`sqlite`, `postgres`, `memory`, …), lower-cased.
+pub fn scheme_of(url: &SecretString) -> String {
+    let url = url.expose_secret();
+    url.split_once(':')
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_deserialize() {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(EMBEDDED_DEFAULTS, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .expect("embedded defaults are valid");
+        assert_eq!(settings.server.port, 8080);
+        assert_eq!(scheme_of(&settings.database.url), "sqlite");
+        assert_eq!(scheme_of(&settings.bus.url), "memory");
+        assert_eq!(settings.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn database_url_is_redacted_in_debug_output() {
+        let db = DatabaseSettings {
+            url: SecretString::from("postgres://app:hunter2@db/userhub"),
+            max_connections: 1,
+            acquire_timeout_ms: 1,
+            migrate_on_start: false,
+        };
+        assert!(!format!("{db:?}").contains("hunter2"));
+    }
+}

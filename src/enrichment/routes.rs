@@ -1,0 +1,98 @@
+//! HTTP routes of the enrichment module (`/users/enriched`).
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{EnrichedProfile, Enrichment, EnrichmentStatus, StoreError};
+use crate::http::parse_uuid;
+use crate::http::problem::{ApiError, ApiResult, Problem};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/users/enriched/{uuid}").route(web::get().to(get_enriched_profile)));
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        ApiError::Internal(error.into())
+    }
+}
+
+/// An enriched profile, with the handles at the top level as in the reference system.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "uuid": "01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d",
+    "name": "João Silva",
+    "email": "joao.silva+work@example.com",
+    "linkedin": "linkedin.com/in/joaosilva",
+    "github": "github.com/joaosilva",
+    "status": "completed",
+    "source_event_id": "01936f0e-8a4d-7000-8000-0123456789ab",
+    "enriched_at": "2026-11-29T10:15:30.456Z",
+    "updated_at": "2026-11-29T10:15:30.456Z"
+}))]
+pub struct EnrichedProfileResponse {
+    pub uuid: Uuid,
+    pub name: String,
+    pub email: String,
+    pub linkedin: String,
+    pub github: String,
+    /// Always `completed` here.
+    pub status: String,
+    /// Id of the `user.created` event this profile was derived from.
+    pub source_event_id: Uuid,
+    pub enriched_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl EnrichedProfileResponse {
+    /// `None` unless the profile is completed.
+    pub fn from_completed(p: EnrichedProfile) -> Option<Self> {
+        match (p.status, p.linkedin, p.github, p.enriched_at) {
+            (EnrichmentStatus::Completed, Some(linkedin), Some(github), Some(enriched_at)) => {
+                Some(Self {
+                    uuid: p.uuid,
+                    name: p.name,
+                    email: p.email,
+                    linkedin,
+                    github,
+                    status: EnrichmentStatus::Completed.as_str().into(),
+                    source_event_id: p.source_event_id,
+                    enriched_at,
+                    updated_at: p.updated_at,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Get a user's enriched profile.
+///
+/// 404 until the `user.created` event has been processed (usually milliseconds after
+/// creation), and when enrichment failed; `GET /api/users/{uuid}/profile` tells which.
+#[utoipa::path(
+    get,
+    path = "/users/enriched/{uuid}",
+    tag = "enrichment",
+    params(("uuid" = String, Path, description = "The user's uuid")),
+    responses(
+        (status = 200, description = "The enriched profile", body = EnrichedProfileResponse),
+        (status = 400, description = "Malformed uuid", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not (yet) enriched", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_enriched_profile(
+    enrichment: web::Data<Enrichment>,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let uuid = parse_uuid(&path)?;
+    let profile = enrichment
+        .profile(uuid)
+        .await?
+        .and_then(EnrichedProfileResponse::from_completed)
+        .ok_or_else(|| ApiError::NotFound(format!("No enriched profile for user {uuid} (yet)")))?;
+    Ok(HttpResponse::Ok().json(profile))
+}

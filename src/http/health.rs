@@ -1,0 +1,126 @@
+//! Liveness (`/health`) and readiness (`/health/ready`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::bus::EventBus;
+use crate::enrichment::Enrichment;
+use crate::users::Users;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/health/ready", web::get().to(ready));
+}
+
+/// The dependencies `/health/ready` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub users: Users,
+    pub enrichment: Enrichment,
+    pub bus: Arc<dyn EventBus>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok", "service": "userhub", "version": "0.1.0", "timestamp": "2026-11-29T10:15:30Z"}))]
+pub struct HealthResponse {
+    pub status: &'static str,
+    pub service: &'static str,
+    pub version: &'static str,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Liveness: the process is up and serving HTTP.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "Alive", body = HealthResponse)))]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(HealthResponse {
+        status: "ok",
+        service: "userhub",
+        version: env!("CARGO_PKG_VERSION"),
+        timestamp: Utc::now(),
+    })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DependencyCheck {
+    /// `up` or `down`.
+    pub status: &'static str,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "status": "ok",
+    "checks": {
+        "database": {"status": "up", "latency_ms": 0.4},
+        "documents": {"status": "up", "latency_ms": 0.3},
+        "bus": {"status": "up", "latency_ms": 0.3}
+    }
+}))]
+pub struct ReadinessResponse {
+    /// `ok` when every dependency is up, else `unavailable`.
+    pub status: &'static str,
+    pub checks: BTreeMap<&'static str, DependencyCheck>,
+}
+
+async fn check<F, E>(probe: F) -> DependencyCheck
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(CHECK_TIMEOUT, probe).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let error = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {CHECK_TIMEOUT:?}")),
+    };
+    if let Some(error) = &error {
+        tracing::warn!(%error, "readiness check failed");
+    }
+    DependencyCheck {
+        status: if error.is_none() { "up" } else { "down" },
+        latency_ms,
+        error,
+    }
+}
+
+/// Readiness: every dependency answers. 503 when one does not.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = ReadinessResponse),
+        (status = 503, description = "A dependency is down", body = ReadinessResponse),
+    ))]
+pub async fn ready(deps: web::Data<Readiness>) -> HttpResponse {
+    let (database, documents, bus) = tokio::join!(
+        check(deps.users.ping()),
+        check(deps.enrichment.ping()),
+        check(deps.bus.ping()),
+    );
+    let checks = BTreeMap::from([
+        ("database", database),
+        ("documents", documents),
+        ("bus", bus),
+    ]);
+    let all_up = checks.values().all(|c| c.error.is_none());
+    let body = ReadinessResponse {
+        status: if all_up { "ok" } else { "unavailable" },
+        checks,
+    };
+    if all_up {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}

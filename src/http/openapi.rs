@@ -1,0 +1,47 @@
+//! The OpenAPI document and Swagger UI.
+
+use actix_web::{HttpResponse, http::header, web};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::{health, profile_view};
+use crate::{enrichment, users};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "userhub",
+        description = "User registry with asynchronous profile enrichment. Errors are \
+                       `application/problem+json` (RFC 9457). Every response carries \
+                       `X-Request-Id` (sent by the client or generated)."
+    ),
+    paths(
+        users::routes::create_user,
+        users::routes::list_users,
+        users::routes::get_user,
+        profile_view::get_user_profile,
+        enrichment::routes::get_enriched_profile,
+        health::health,
+        health::ready,
+    ),
+    tags(
+        (name = "users", description = "Create and read users"),
+        (name = "enrichment", description = "Profiles derived asynchronously from new users"),
+        (name = "operations", description = "Health for orchestrators"),
+    )
+)]
+pub struct ApiDoc;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        SwaggerUi::new("/swagger-ui/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()),
+    )
+    .route(
+        "/",
+        web::get().to(|| async {
+            HttpResponse::Found()
+                .insert_header((header::LOCATION, "/swagger-ui/"))
+                .finish()
+        }),
+    );
+}

@@ -1,0 +1,79 @@
+//! The `userhub` command line: `serve` (default) and `migrate`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use userhub::config::Settings;
+use userhub::startup::{Application, Roles, open_database};
+use userhub::telemetry;
+
+/// userhub: a user registry with asynchronous profile enrichment.
+///
+/// Configuration comes from config/default.toml, config/$APP_ENV.toml and APP__*
+/// environment variables (e.g. APP__SERVER__PORT=9000); see the README.
+#[derive(Debug, Parser)]
+#[command(name = "userhub", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API and run the background workers (the default).
+    ///
+    /// Stops gracefully on SIGINT/SIGTERM: in-flight requests finish, workers stop
+    /// between messages, and undelivered events wait in the database for the next start.
+    Serve {
+        /// What this process does, comma-separated: `api` (HTTP routes), `relay`
+        /// (outbox to bus), `worker` (event consumers). Health and docs are always served.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "api,relay,worker",
+            env = "USERHUB_ROLES"
+        )]
+        roles: Vec<Role>,
+    },
+    /// Apply pending database migrations to database.url and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Api,
+    Relay,
+    Worker,
+}
+
+fn roles_of(list: &[Role]) -> Roles {
+    Roles {
+        api: list.contains(&Role::Api),
+        relay: list.contains(&Role::Relay),
+        worker: list.contains(&Role::Worker),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load().context("cannot load configuration")?;
+    telemetry::init(&settings.log, std::io::stdout);
+    match cli.command.unwrap_or(Command::Serve {
+        roles: vec![Role::Api, Role::Relay, Role::Worker],
+    }) {
+        Command::Serve { roles } => {
+            Application::build(settings, roles_of(&roles))
+                .await?
+                .run_until_stopped()
+                .await
+        }
+        Command::Migrate => {
+            let mut settings = settings;
+            settings.database.migrate_on_start = true;
+            open_database(&settings).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+    }
+}

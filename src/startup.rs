@@ -1,0 +1,271 @@
+//! Wiring: picks adapters from the settings, builds the modules, runs the HTTP server
+//! and the background workers, and stops them all gracefully.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use secrecy::ExposeSecret;
+use sqlx::SqlitePool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{EventBus, InProcessBus, in_process::DeliveryPolicy};
+use crate::config::{Settings, scheme_of};
+use crate::db;
+use crate::enrichment::{self, Enrichment, ProfileStore, SqliteProfileStore};
+use crate::http::{self, HttpState, Readiness};
+use crate::outbox::{OutboxRelay, OutboxSignal};
+use crate::resilience::Backoff;
+use crate::users::{SqliteUserRepository, Users};
+
+/// What one process does. A single process does everything; later, `api,relay` hosts
+/// and `worker` hosts can share a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Serve the `/api` and `/users` routes (health and docs are always served).
+    pub api: bool,
+    /// Move outbox rows to the bus.
+    pub relay: bool,
+    /// Consume events (enrichment).
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Self = Self {
+        api: true,
+        relay: true,
+        worker: true,
+    };
+}
+
+/// Replacements for adapters, for tests that need a failing one.
+#[derive(Default)]
+pub struct Overrides {
+    pub profile_store: Option<Arc<dyn ProfileStore>>,
+}
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    roles: Roles,
+    shutdown: CancellationToken,
+    users: Users,
+    enrichment: Enrichment,
+    relay: Arc<OutboxRelay>,
+    bus: Arc<InProcessBus>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
+        Self::build_with(settings, roles, Overrides::default()).await
+    }
+
+    pub async fn build_with(
+        settings: Settings,
+        roles: Roles,
+        overrides: Overrides,
+    ) -> anyhow::Result<Self> {
+        let pool = open_database(&settings).await?;
+        let documents_pool = open_documents(&settings, &pool).await?;
+        require_scheme("cache.url", &scheme_of(&settings.cache.url), &["memory"])?;
+        require_scheme("bus.url", &scheme_of(&settings.bus.url), &["memory"])?;
+
+        let worker = &settings.worker;
+        let bus = Arc::new(InProcessBus::new(
+            pool.clone(),
+            vec![enrichment::BINDING],
+            DeliveryPolicy {
+                max_attempts: worker.max_attempts.max(1),
+                backoff: Backoff::new(
+                    Duration::from_millis(worker.backoff_base_ms),
+                    Duration::from_millis(worker.backoff_max_ms),
+                ),
+                handler_timeout: worker.handler_timeout(),
+                poll_interval: Duration::from_millis(worker.poll_interval_ms),
+            },
+        ));
+        let signal = OutboxSignal::default();
+        let users = Users::new(
+            Arc::new(SqliteUserRepository::new(pool.clone())),
+            signal.clone(),
+        );
+        let store = overrides
+            .profile_store
+            .unwrap_or_else(|| Arc::new(SqliteProfileStore::new(documents_pool)));
+        let enrichment = Enrichment::new(store);
+        let relay = Arc::new(OutboxRelay::new(
+            pool,
+            bus.clone(),
+            signal,
+            settings.outbox.batch_size,
+            Duration::from_millis(settings.outbox.poll_interval_ms),
+        ));
+
+        let address = (settings.server.host.as_str(), settings.server.port);
+        let listener = TcpListener::bind(address)
+            .with_context(|| format!("cannot listen on {}:{}", address.0, address.1))?;
+        let port = listener.local_addr()?.port();
+        let state = HttpState {
+            users: users.clone(),
+            enrichment: enrichment.clone(),
+            readiness: Readiness {
+                users: users.clone(),
+                enrichment: enrichment.clone(),
+                bus: bus.clone(),
+            },
+            serve_api: roles.api,
+        };
+        let server = http::serve(listener, state, &settings.server)?;
+        tracing::info!(
+            url = %format!("http://{}:{port}", settings.server.host),
+            ?roles,
+            "userhub listening"
+        );
+        Ok(Self {
+            port,
+            server,
+            roles,
+            shutdown: CancellationToken::new(),
+            users,
+            enrichment,
+            relay,
+            bus,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Cancelling it stops the application as SIGTERM would.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn users(&self) -> &Users {
+        &self.users
+    }
+
+    pub fn enrichment(&self) -> &Enrichment {
+        &self.enrichment
+    }
+
+    /// The outbox relay, for driving delivery step by step.
+    pub fn relay(&self) -> Arc<OutboxRelay> {
+        self.relay.clone()
+    }
+
+    /// The in-process bus, for driving delivery step by step and reading dead letters.
+    pub fn bus(&self) -> Arc<InProcessBus> {
+        self.bus.clone()
+    }
+
+    /// Serves until SIGINT/SIGTERM or the shutdown token: then in-flight requests
+    /// finish (up to `server.shutdown_timeout_secs`) and workers stop between messages.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let token = self.shutdown.clone();
+        let handle = self.server.handle();
+        let mut server = tokio::spawn(self.server);
+        let mut workers = JoinSet::new();
+        if self.roles.relay {
+            let (relay, token) = (self.relay.clone(), token.clone());
+            workers.spawn(async move { relay.run(token).await });
+        }
+        if self.roles.worker {
+            let (bus, token) = (self.bus.clone(), token.clone());
+            let handler = self.enrichment.handler();
+            workers.spawn(async move { bus.consume(&enrichment::BINDING, handler, token).await });
+        }
+
+        let server_result = tokio::select! {
+            () = shutdown_signal() => { tracing::info!("shutdown signal received"); None }
+            () = token.cancelled() => None,
+            result = &mut server => Some(result),
+        };
+        token.cancel();
+        let server_result = match server_result {
+            Some(result) => result,
+            None => {
+                handle.stop(true).await;
+                server.await
+            }
+        };
+        while let Some(joined) = workers.join_next().await {
+            joined.context("a background worker panicked")?;
+        }
+        server_result.context("the HTTP server panicked")??;
+        tracing::info!("userhub stopped");
+        Ok(())
+    }
+}
+
+/// Opens `database.url` and applies migrations when configured to.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<SqlitePool> {
+    let scheme = scheme_of(&settings.database.url);
+    require_scheme("database.url", &scheme, &["sqlite"])?;
+    let pool = db::connect_sqlite(settings.database.url.expose_secret(), &settings.database)
+        .await
+        .context("cannot open database.url")?;
+    if settings.database.migrate_on_start {
+        db::migrate_sqlite(&pool)
+            .await
+            .context("cannot migrate database.url")?;
+    }
+    Ok(pool)
+}
+
+/// Opens `documents.url`, sharing the database pool when both name the same place.
+async fn open_documents(settings: &Settings, database: &SqlitePool) -> anyhow::Result<SqlitePool> {
+    let url = settings.documents.url.expose_secret();
+    if url == settings.database.url.expose_secret() {
+        return Ok(database.clone());
+    }
+    require_scheme(
+        "documents.url",
+        &scheme_of(&settings.documents.url),
+        &["sqlite"],
+    )?;
+    let pool = db::connect_sqlite(url, &settings.database)
+        .await
+        .context("cannot open documents.url")?;
+    if settings.database.migrate_on_start {
+        db::migrate_sqlite(&pool)
+            .await
+            .context("cannot migrate documents.url")?;
+    }
+    Ok(pool)
+}
+
+fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Result<()> {
+    if supported.contains(&scheme) {
+        return Ok(());
+    }
+    bail!(
+        "{setting}: scheme {scheme:?} is not supported by this build (supported: {})",
+        supported.join(", ")
+    )
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops userhub");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
