@@ -5,6 +5,7 @@
 //! wires the adapters chosen by configuration.
 
 pub mod bus;
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod enrichment;

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{EventBus, InProcessBus, in_process::DeliveryPolicy};
+use crate::cache::{Cache, CachePolicy, MemoryCache};
 use crate::config::{Settings, scheme_of};
 use crate::db;
 use crate::enrichment::{self, Enrichment, ProfileStore, SqliteProfileStore};
@@ -86,15 +87,20 @@ impl Application {
                 poll_interval: Duration::from_millis(worker.poll_interval_ms),
             },
         ));
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new(CachePolicy {
+            ttl: Duration::from_secs(settings.cache.ttl_secs),
+            max_entries: settings.cache.max_entries,
+        }));
         let signal = OutboxSignal::default();
         let users = Users::new(
             Arc::new(SqliteUserRepository::new(pool.clone())),
             signal.clone(),
+            cache.clone(),
         );
         let store = overrides
             .profile_store
             .unwrap_or_else(|| Arc::new(SqliteProfileStore::new(documents_pool)));
-        let enrichment = Enrichment::new(store);
+        let enrichment = Enrichment::new(store, cache);
         let relay = Arc::new(OutboxRelay::new(
             pool,
             bus.clone(),

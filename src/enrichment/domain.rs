@@ -1,6 +1,7 @@
 //! Profile derivation: from a user's name to social handles.
 
 use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::is_combining_mark;
 use uuid::Uuid;
@@ -33,7 +34,8 @@ pub fn handle_for(name: &str, email: &str, uuid: Uuid) -> String {
     format!("user{}", &hex[hex.len() - 12..])
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EnrichmentStatus {
     Completed,
     Failed,
@@ -49,7 +51,7 @@ impl EnrichmentStatus {
 }
 
 /// What the enrichment module knows about one user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrichedProfile {
     pub uuid: Uuid,
     pub name: String,

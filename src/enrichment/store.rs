@@ -22,8 +22,9 @@ impl From<sqlx::Error> for StoreError {
 
 #[async_trait]
 pub trait ProfileStore: Send + Sync {
-    /// Stores a completed profile, replacing what was there (idempotent per user).
-    async fn upsert(&self, profile: &EnrichedProfile) -> Result<(), StoreError>;
+    /// Stores a completed profile, replacing what was there (idempotent per user), and
+    /// returns it as stored (a redelivery keeps the first `enriched_at`).
+    async fn upsert(&self, profile: &EnrichedProfile) -> Result<EnrichedProfile, StoreError>;
     /// Records that enrichment was given up on, unless the user is already enriched.
     async fn mark_failed(&self, profile: &EnrichedProfile) -> Result<(), StoreError>;
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError>;
@@ -80,10 +81,10 @@ impl TryFrom<ProfileRow> for EnrichedProfile {
 
 #[async_trait]
 impl ProfileStore for SqliteProfileStore {
-    async fn upsert(&self, p: &EnrichedProfile) -> Result<(), StoreError> {
+    async fn upsert(&self, p: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
         // A redelivered event re-derives the same profile; the first enrichment time
         // is kept so redelivery is invisible to readers.
-        sqlx::query(
+        let row: ProfileRow = sqlx::query_as(
             "INSERT INTO enriched_profiles
                  (uuid, name, email, linkedin, github, status, error, source_event_id, enriched_at)
              VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7)
@@ -95,7 +96,9 @@ impl ProfileStore for SqliteProfileStore {
                  enriched_at = CASE WHEN enriched_profiles.status = 'completed'
                                     THEN enriched_profiles.enriched_at
                                     ELSE excluded.enriched_at END,
-                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             RETURNING uuid, name, email, linkedin, github, status, error, source_event_id,
+                       enriched_at, updated_at",
         )
         .bind(p.uuid.hyphenated())
         .bind(&p.name)
@@ -104,9 +107,9 @@ impl ProfileStore for SqliteProfileStore {
         .bind(&p.github)
         .bind(p.source_event_id.hyphenated())
         .bind(p.enriched_at)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(())
+        EnrichedProfile::try_from(row)
     }
 
     async fn mark_failed(&self, p: &EnrichedProfile) -> Result<(), StoreError> {

@@ -7,15 +7,17 @@ use async_trait::async_trait;
 use super::domain::EnrichedProfile;
 use super::store::ProfileStore;
 use crate::bus::{Envelope, EventHandler, HandlerError, headers};
+use crate::cache::{self, Cache};
 use crate::events::{USER_CREATED, USER_CREATED_VERSION, UserCreated};
 
 pub struct UserCreatedHandler {
     store: Arc<dyn ProfileStore>,
+    cache: Arc<dyn Cache>,
 }
 
 impl UserCreatedHandler {
-    pub fn new(store: Arc<dyn ProfileStore>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn ProfileStore>, cache: Arc<dyn Cache>) -> Self {
+        Self { store, cache }
     }
 }
 
@@ -45,10 +47,13 @@ impl EventHandler for UserCreatedHandler {
         let event = parse(envelope)?;
         let profile = EnrichedProfile::derive(event.uuid, &event.name, &event.email, envelope.id);
         // Upsert by user uuid: a redelivered event rewrites the same profile.
-        self.store
+        let stored = self
+            .store
             .upsert(&profile)
             .await
             .map_err(|e| HandlerError::Transient(e.to_string()))?;
+        // After the store, and what the store kept, so the cache never disagrees with it.
+        cache::set_json(self.cache.as_ref(), &super::cache_key(event.uuid), &stored).await;
         tracing::info!(
             user = %event.uuid,
             github = profile.github.as_deref().unwrap_or_default(),

@@ -15,6 +15,7 @@ pub use repository::{CreateUserError, ListQuery, SqliteUserRepository, User, Use
 pub use routes::{CreateUserRequest, UserResponse, configure};
 
 use crate::bus::headers;
+use crate::cache::{self, Cache};
 use crate::outbox::OutboxSignal;
 
 /// The module's public facade: what routes, the combined view and tests use.
@@ -22,11 +23,20 @@ use crate::outbox::OutboxSignal;
 pub struct Users {
     repository: Arc<dyn UserRepository>,
     outbox: OutboxSignal,
+    cache: Arc<dyn Cache>,
 }
 
 impl Users {
-    pub fn new(repository: Arc<dyn UserRepository>, outbox: OutboxSignal) -> Self {
-        Self { repository, outbox }
+    pub fn new(
+        repository: Arc<dyn UserRepository>,
+        outbox: OutboxSignal,
+        cache: Arc<dyn Cache>,
+    ) -> Self {
+        Self {
+            repository,
+            outbox,
+            cache,
+        }
     }
 
     /// Stores the user and its event atomically, then wakes the outbox relay.
@@ -40,8 +50,17 @@ impl Users {
         Ok(user)
     }
 
+    /// Read-through: users never change once created, so a cached user is never stale.
     pub async fn find(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
-        self.repository.get(uuid).await
+        let key = cache::key("user", uuid);
+        if let Some(user) = cache::get_json(self.cache.as_ref(), &key).await {
+            return Ok(Some(user));
+        }
+        let user = self.repository.get(uuid).await?;
+        if let Some(user) = &user {
+            cache::set_json(self.cache.as_ref(), &key, user).await;
+        }
+        Ok(user)
     }
 
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use sqlx::types::uuid::fmt::Hyphenated;
 use uuid::Uuid;
@@ -15,7 +15,7 @@ use crate::events::{USER_CREATED, USER_CREATED_VERSION, UserCreated};
 use crate::outbox;
 
 /// A stored user, exactly as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     pub uuid: Uuid,
     pub name: String,

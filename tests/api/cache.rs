@@ -1,0 +1,61 @@
+//! The read-through cache: hits skip the database; pending profiles are never cached.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::spawn_app;
+
+#[tokio::test]
+async fn a_cached_user_is_served_without_the_database() {
+    let app = spawn_app().await;
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    let path = format!("/api/users/{}", user["uuid"].as_str().unwrap());
+    assert_eq!(app.get(&path).await.status(), StatusCode::OK);
+
+    // Remove the row behind the app's back: only the cache can still answer.
+    sqlx::query("DELETE FROM users")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let cached: Value = app.get(&path).await.json().await.unwrap();
+    assert_eq!(cached, user);
+}
+
+#[tokio::test]
+async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
+    let app = spawn_app().await;
+    let user = app.create_user("Grace Hopper", "grace@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    let pending: Value = app
+        .get(&format!("/api/users/{uuid}/profile"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pending["enrichment"]["status"], "pending");
+
+    app.deliver_all().await;
+    let done: Value = app
+        .get(&format!("/api/users/{uuid}/profile"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        done["enrichment"]["status"], "completed",
+        "pending was not cached"
+    );
+
+    // The worker wrote the cache after the store: the profile survives losing the row.
+    sqlx::query("DELETE FROM enriched_profiles")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let enriched: Value = app
+        .get(&format!("/users/enriched/{uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(enriched["github"], "github.com/gracehopper");
+}

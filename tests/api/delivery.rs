@@ -1,0 +1,334 @@
+//! Delivery guarantees: outbox, retries with backoff, dead letters, idempotency,
+//! restart safety, request id propagation.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use userhub::bus::{Envelope, EventBus, Outcome, headers};
+use userhub::enrichment::BINDING;
+use userhub::startup::Roles;
+
+use crate::helpers::{
+    ControlledStore, DEADLINE, Spawn, TestApp, assert_problem, spawn, spawn_app, spawn_running_app,
+};
+
+/// Polls the consumer until a message is due and delivered.
+async fn next_outcome(app: &TestApp) -> Outcome {
+    let started = Instant::now();
+    loop {
+        if let Some(outcome) = app
+            .bus
+            .process_next(&BINDING, app.handler.as_ref())
+            .await
+            .unwrap()
+        {
+            return outcome;
+        }
+        assert!(started.elapsed() < DEADLINE, "no message became due");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn spawn_with_store() -> (TestApp, std::sync::Arc<ControlledStore>) {
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    (app, store)
+}
+
+async fn outbox_envelope(app: &TestApp) -> Envelope {
+    let (id, payload, headers_json): (String, String, String) =
+        sqlx::query_as("SELECT event_id, payload, headers FROM outbox ORDER BY id LIMIT 1")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    Envelope {
+        id: id.parse().unwrap(),
+        routing_key: "user.created".into(),
+        payload,
+        headers: serde_json::from_str(&headers_json).unwrap(),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_on_the_backoff_schedule_then_succeed() {
+    let (app, store) = spawn_with_store().await;
+    store.fail_next_upserts(2);
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    assert_eq!(app.relay.drain().await.unwrap(), 1);
+
+    // Test settings: base 20 ms, so retry 1 waits 10–20 ms and retry 2 waits 20–40 ms.
+    assert!(
+        matches!(next_outcome(&app).await, Outcome::Retried { attempt: 1, delay } if delay >= Duration::from_millis(10) && delay <= Duration::from_millis(20))
+    );
+    assert!(
+        matches!(next_outcome(&app).await, Outcome::Retried { attempt: 2, delay } if delay >= Duration::from_millis(20) && delay <= Duration::from_millis(40))
+    );
+    assert_eq!(next_outcome(&app).await, Outcome::Acked);
+
+    let attempts = store.upsert_attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 3);
+    assert!(
+        attempts[1] - attempts[0] >= Duration::from_millis(10),
+        "first retry waited"
+    );
+    assert!(
+        attempts[2] - attempts[1] >= Duration::from_millis(20),
+        "second retry waited longer"
+    );
+
+    let uuid = user["uuid"].as_str().unwrap();
+    let enriched = app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    assert_eq!(enriched["github"], "github.com/adalovelace");
+    assert!(app.bus.dead_letters(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_store_that_keeps_failing_leads_to_a_dead_letter_and_a_failed_profile() {
+    let (app, store) = spawn_with_store().await;
+    store.fail_next_upserts(u32::MAX);
+    let user = app.create_user("Grace Hopper", "grace@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    app.relay.drain().await.unwrap();
+
+    assert!(matches!(
+        next_outcome(&app).await,
+        Outcome::Retried { attempt: 1, .. }
+    ));
+    assert!(matches!(
+        next_outcome(&app).await,
+        Outcome::Retried { attempt: 2, .. }
+    ));
+    assert_eq!(
+        next_outcome(&app).await,
+        Outcome::DeadLettered { attempt: 3 }
+    );
+    assert_eq!(app.bus.pending(BINDING.queue).await.unwrap(), 0);
+
+    let dead = app.bus.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].queue, BINDING.queue);
+    assert!(
+        dead[0].error.contains("upsert refused"),
+        "{}",
+        dead[0].error
+    );
+    assert!(
+        dead[0].payload.contains(uuid),
+        "the event is kept for replay"
+    );
+
+    let profile: Value = app
+        .get(&format!("/api/users/{uuid}/profile"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(profile["enrichment"]["status"], "failed");
+    let response = app.get(&format!("/users/enriched/{uuid}")).await;
+    assert_problem(response, StatusCode::NOT_FOUND).await;
+}
+
+#[tokio::test]
+async fn an_unparseable_message_is_dead_lettered_at_once_without_blocking_others() {
+    let app = spawn_app().await;
+    let poison = Envelope::new("user.created", "{not json".into(), Default::default());
+    app.bus.publish(&poison).await.unwrap();
+    let user = app.create_user("Alan Turing", "alan@example.com").await;
+
+    let outcomes = app.deliver_all().await;
+    assert_eq!(
+        outcomes,
+        [Outcome::DeadLettered { attempt: 1 }, Outcome::Acked]
+    );
+    let dead = app.bus.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id.into_uuid(), poison.id);
+    assert!(dead[0].error.contains("malformed"), "{}", dead[0].error);
+    app.wait_for_ok(&format!(
+        "/users/enriched/{}",
+        user["uuid"].as_str().unwrap()
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn an_unknown_event_version_is_dead_lettered_not_retried() {
+    let app = spawn_app().await;
+    let user = app.create_user("Alan Turing", "alan@example.com").await;
+    app.relay.drain().await.unwrap();
+    let mut future = outbox_envelope(&app).await;
+    future.id = uuid::Uuid::now_v7();
+    future
+        .headers
+        .insert(headers::EVENT_VERSION.into(), "99".into());
+    app.bus.publish(&future).await.unwrap();
+    let outcomes = app.deliver_all().await;
+    assert!(
+        outcomes.contains(&Outcome::DeadLettered { attempt: 1 }),
+        "{outcomes:?}"
+    );
+    assert!(outcomes.contains(&Outcome::Acked), "{outcomes:?}");
+    let _ = user;
+}
+
+#[tokio::test]
+async fn redelivery_of_an_event_is_harmless() {
+    let app = spawn_app().await;
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    assert_eq!(app.deliver_all().await, [Outcome::Acked]);
+    let first: Value = app
+        .get(&format!("/users/enriched/{uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // The relay crashed after publishing but before marking the row sent: the same
+    // event (same id) is published again — twice, even.
+    let envelope = outbox_envelope(&app).await;
+    app.bus.publish(&envelope).await.unwrap();
+    app.bus.publish(&envelope).await.unwrap();
+    assert_eq!(
+        app.bus.pending(BINDING.queue).await.unwrap(),
+        1,
+        "queued once per id"
+    );
+    assert_eq!(app.deliver_all().await, [Outcome::Acked]);
+
+    let again: Value = app
+        .get(&format!("/users/enriched/{uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        again["enriched_at"], first["enriched_at"],
+        "first enrichment time kept"
+    );
+    assert_eq!(again["source_event_id"], envelope.id.to_string());
+    assert_eq!(again["github"], first["github"]);
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM enriched_profiles")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn the_request_id_travels_with_the_event() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/api/users"))
+        .header("x-request-id", "trace-me-123")
+        .json(&serde_json::json!({"name": "Ada Lovelace", "email": "ada@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let envelope = outbox_envelope(&app).await;
+    assert_eq!(envelope.header(headers::REQUEST_ID), Some("trace-me-123"));
+    assert_eq!(envelope.header(headers::EVENT_VERSION), Some("1"));
+}
+
+#[tokio::test]
+async fn a_user_created_while_the_relay_is_stopped_is_enriched_after_a_restart() {
+    let api_only = spawn(Spawn {
+        roles: Roles {
+            api: true,
+            relay: false,
+            worker: false,
+        },
+        ..Spawn::default()
+    })
+    .await;
+    let user = api_only
+        .create_user("Ada Lovelace", "ada@example.com")
+        .await;
+    assert_eq!(api_only.outbox_unsent().await, 1);
+    let dir = api_only.stop().await;
+
+    let restarted = spawn(Spawn {
+        roles: Roles::ALL,
+        dir: Some(dir),
+        ..Spawn::default()
+    })
+    .await;
+    let uuid = user["uuid"].as_str().unwrap();
+    let enriched = restarted
+        .wait_for_ok(&format!("/users/enriched/{uuid}"))
+        .await;
+    assert_eq!(enriched["github"], "github.com/adalovelace");
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_waiting_for_a_retry_survives_a_restart() {
+    let (app, store) = spawn_with_store().await;
+    store.fail_next_upserts(1);
+    let user = app.create_user("Grace Hopper", "grace@example.com").await;
+    app.relay.drain().await.unwrap();
+    assert!(matches!(
+        next_outcome(&app).await,
+        Outcome::Retried { attempt: 1, .. }
+    ));
+    let dir = app.stop().await;
+
+    let restarted = spawn(Spawn {
+        roles: Roles::ALL,
+        dir: Some(dir),
+        ..Spawn::default()
+    })
+    .await;
+    let uuid = user["uuid"].as_str().unwrap();
+    restarted
+        .wait_for_ok(&format!("/users/enriched/{uuid}"))
+        .await;
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn many_users_created_concurrently_are_each_enriched_once() {
+    let app = spawn_running_app().await;
+    let app_ref = &app;
+    let creates = (0..40).map(|i| async move {
+        app_ref
+            .post_user(&format!("Person {i:02}"), &format!("p{i}@example.com"))
+            .await
+    });
+    for response in futures_util::future::join_all(creates).await {
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let started = Instant::now();
+    loop {
+        let enriched: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM enriched_profiles WHERE status = 'completed'")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        if enriched == 40 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "only {enriched} of 40 enriched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.outbox_unsent().await, 0);
+    assert_eq!(app.bus.pending(BINDING.queue).await.unwrap(), 0);
+    let sent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(sent, 40, "one event per user");
+    app.stop().await;
+}

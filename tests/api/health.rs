@@ -1,0 +1,114 @@
+//! Health, readiness, OpenAPI and Swagger UI.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{ControlledStore, Spawn, spawn, spawn_app};
+
+#[tokio::test]
+async fn health_reports_service_and_version() {
+    let app = spawn_app().await;
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["service"], "userhub");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert!(body["timestamp"].is_string());
+}
+
+#[tokio::test]
+async fn readiness_checks_each_dependency() {
+    let app = spawn_app().await;
+    let response = app.get("/health/ready").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    for dependency in ["database", "documents", "bus"] {
+        assert_eq!(body["checks"][dependency]["status"], "up", "{body}");
+        assert!(body["checks"][dependency]["latency_ms"].is_number());
+    }
+}
+
+#[tokio::test]
+async fn readiness_is_503_when_a_dependency_is_down() {
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    store.set_down(true);
+    let response = app.get("/health/ready").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["documents"]["status"], "down");
+    assert_eq!(body["checks"]["database"]["status"], "up");
+
+    store.set_down(false);
+    assert_eq!(app.get("/health/ready").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route_with_its_errors() {
+    let app = spawn_app().await;
+    let doc: Value = app
+        .get("/api-docs/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method, statuses) in [
+        (
+            "/api/users",
+            "post",
+            &["201", "400", "409", "413", "415"][..],
+        ),
+        ("/api/users", "get", &["200", "400"][..]),
+        ("/api/users/{uuid}", "get", &["200", "400", "404"][..]),
+        (
+            "/api/users/{uuid}/profile",
+            "get",
+            &["200", "400", "404"][..],
+        ),
+        ("/users/enriched/{uuid}", "get", &["200", "400", "404"][..]),
+        ("/health", "get", &["200"][..]),
+        ("/health/ready", "get", &["200", "503"][..]),
+    ] {
+        let operation = &paths[path][method];
+        assert!(operation.is_object(), "{method} {path} is documented");
+        for status in statuses {
+            assert!(
+                operation["responses"][status].is_object(),
+                "{method} {path} documents {status}"
+            );
+        }
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "Problem",
+        "UserResponse",
+        "CreateUserRequest",
+        "EnrichedProfileResponse",
+        "UserProfileResponse",
+    ] {
+        assert!(schemas.contains_key(schema), "schema {schema}");
+        assert!(
+            schemas[schema]["example"].is_object(),
+            "{schema} has an example"
+        );
+    }
+}
+
+#[tokio::test]
+async fn swagger_ui_is_served_and_the_root_redirects_to_it() {
+    let app = spawn_app().await;
+    let ui = app.get("/swagger-ui/").await;
+    assert_eq!(ui.status(), StatusCode::OK);
+    assert!(ui.text().await.unwrap().contains("swagger"));
+    let root = app.get("/").await;
+    assert_eq!(root.status(), StatusCode::FOUND);
+    assert_eq!(root.headers()["location"], "/swagger-ui/");
+}

@@ -1,0 +1,11 @@
+//! API and integration tests: every test spawns the real application on port 0 with a
+//! fresh temporary SQLite database (see helpers.rs).
+
+mod architecture;
+mod cache;
+mod delivery;
+mod enrichment;
+mod errors;
+mod health;
+mod helpers;
+mod users;
