@@ -11,7 +11,7 @@ use sqlx::SqlitePool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{EventBus, InProcessBus, in_process::DeliveryPolicy};
+use crate::bus::{DeliveryPolicy, EventBus, InProcessBus};
 use crate::cache::{Cache, CachePolicy, MemoryCache};
 use crate::config::{Settings, scheme_of};
 use crate::db;

@@ -13,54 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::SqlitePool;
 use sqlx::types::uuid::fmt::Hyphenated;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{Binding, BusError, Envelope, EventBus, EventHandler, HandlerError, headers};
-use crate::resilience::Backoff;
-
-/// How deliveries are retried.
-#[derive(Debug, Clone)]
-pub struct DeliveryPolicy {
-    pub max_attempts: u32,
-    pub backoff: Backoff,
-    pub handler_timeout: Duration,
-    /// Longest an idle consumer sleeps before looking for due messages again.
-    pub poll_interval: Duration,
-}
-
-/// What became of one delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Acked,
-    /// Failed transiently; delivered again after `delay`.
-    Retried {
-        attempt: u32,
-        delay: Duration,
-    },
-    DeadLettered {
-        attempt: u32,
-    },
-}
-
-/// A message given up on, as an operator sees it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub queue: String,
-    #[schema(value_type = String, format = Uuid)]
-    pub message_id: Hyphenated,
-    pub routing_key: String,
-    pub payload: String,
-    pub attempts: i64,
-    pub error: String,
-    pub created_at: DateTime<Utc>,
-    pub replayed_at: Option<DateTime<Utc>>,
-}
+use super::{
+    Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, HandlerError,
+    Outcome, headers,
+};
 
 pub struct InProcessBus {
     pool: SqlitePool,
@@ -251,18 +213,6 @@ impl InProcessBus {
         Ok(())
     }
 
-    /// Dead letters, newest first.
-    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, BusError> {
-        Ok(sqlx::query_as(
-            "SELECT id, queue, message_id, routing_key, payload, attempts, error, created_at,
-                    replayed_at
-               FROM dead_letters ORDER BY id DESC LIMIT ?1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     /// Messages of `queue` not yet acknowledged or dead-lettered.
     pub async fn pending(&self, queue: &str) -> Result<u64, BusError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bus_messages WHERE queue = ?1")
@@ -361,5 +311,93 @@ impl EventBus for InProcessBus {
     async fn ping(&self) -> Result<(), BusError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let after: i64 = match after {
+            None => 0,
+            Some(id) => id
+                .parse()
+                .map_err(|_| BusError::Corrupt(format!("{id:?} is not a dead-letter id")))?,
+        };
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(
+            "SELECT id, queue, message_id, routing_key, payload, headers, attempts, error,
+                    created_at
+               FROM dead_letters
+              WHERE replayed_at IS NULL AND id > ?1
+              ORDER BY id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(DeadLetter::from).collect())
+    }
+
+    async fn replay(&self, id: &str) -> Result<bool, BusError> {
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(false);
+        };
+        let mut tx = self.pool.begin().await?;
+        // Marking first makes a concurrent second replay of the same letter a no-op.
+        let replayed = sqlx::query(
+            "UPDATE dead_letters SET replayed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                                     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+              WHERE id = ?1 AND replayed_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if replayed.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO bus_messages
+                 (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
+             SELECT queue, message_id, routing_key, payload, headers, occurred_at, ?2
+               FROM dead_letters WHERE id = ?1
+             ON CONFLICT (queue, message_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wake.notify_one();
+        tracing::info!(dead_letter = id, "dead letter replayed");
+        Ok(true)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct DeadLetterRow {
+    id: i64,
+    queue: String,
+    message_id: Hyphenated,
+    routing_key: String,
+    payload: String,
+    headers: String,
+    attempts: i64,
+    error: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<DeadLetterRow> for DeadLetter {
+    fn from(row: DeadLetterRow) -> Self {
+        Self {
+            id: row.id.to_string(),
+            queue: row.queue,
+            message_id: row.message_id.into_uuid(),
+            routing_key: row.routing_key,
+            payload: row.payload,
+            headers: serde_json::from_str(&row.headers).unwrap_or_default(),
+            attempts: u32::try_from(row.attempts).unwrap_or(0),
+            error: row.error,
+            dead_at: row.created_at,
+        }
     }
 }

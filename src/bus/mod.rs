@@ -1,6 +1,6 @@
 //! Event bus port: envelopes, publishers, consumers and dead letters.
 
-pub mod in_process;
+mod in_process;
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use in_process::{DeadLetter, InProcessBus, Outcome};
+pub use in_process::InProcessBus;
 
 /// Header names carried by every envelope.
 pub mod headers {
@@ -52,8 +52,56 @@ impl Envelope {
 pub enum BusError {
     #[error("bus storage failed: {0}")]
     Storage(#[from] sqlx::Error),
+    /// The broker cannot be reached or refused the operation; try again later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
     #[error("bus message is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// How deliveries are retried.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    /// Deliveries of one message before it is dead-lettered (the first included).
+    pub max_attempts: u32,
+    pub backoff: crate::resilience::Backoff,
+    /// A handler running longer than this has failed transiently.
+    pub handler_timeout: std::time::Duration,
+    /// Longest an idle consumer sleeps before looking for due messages again.
+    pub poll_interval: std::time::Duration,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Acked,
+    /// Failed transiently; delivered again after `delay`.
+    Retried {
+        attempt: u32,
+        delay: std::time::Duration,
+    },
+    DeadLettered {
+        attempt: u32,
+    },
+}
+
+/// A message given up on, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// What to pass to replay: a row id for the in-process bus, the message id on a
+    /// broker.
+    pub id: String,
+    pub queue: String,
+    pub message_id: Uuid,
+    pub routing_key: String,
+    /// The original payload, as published (possibly not even JSON).
+    pub payload: String,
+    pub headers: BTreeMap<String, String>,
+    /// Deliveries made before giving up.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+    pub dead_at: DateTime<Utc>,
 }
 
 /// Why a handler did not process a message.
@@ -95,6 +143,18 @@ pub trait EventBus: Send + Sync {
 
     /// Cheap reachability check for `/health/ready`.
     async fn ping(&self) -> Result<(), BusError>;
+
+    /// Dead letters not yet replayed, oldest first, at most `limit`, starting after the
+    /// dead letter `after` (a previous page's last `id`).
+    async fn dead_letters(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Puts the dead letter `id` back on its queue with a fresh attempt count.
+    /// `Ok(false)` when there is no such dead letter (or it was replayed already).
+    async fn replay(&self, id: &str) -> Result<bool, BusError>;
 }
 
 /// A queue and the routing key it is bound to.

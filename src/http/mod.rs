@@ -1,6 +1,7 @@
 //! Shared HTTP concerns: problem+json errors, request ids, health, OpenAPI, and the
 //! combined profile view composed from the two modules' read APIs.
 
+mod admin;
 mod health;
 mod openapi;
 pub mod problem;
@@ -69,7 +70,9 @@ pub fn serve(
                 .app_data(web::Data::new(state.enrichment.clone()))
                 .configure(users::configure)
                 .configure(enrichment::configure)
-                .configure(profile_view::configure);
+                .configure(profile_view::configure)
+                .app_data(admin::data(state.readiness.bus.clone()))
+                .configure(admin::configure);
         }
         app.default_service(web::to(not_found))
     })

@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, http::header, web};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{health, profile_view};
+use super::{admin, health, profile_view};
 use crate::{enrichment, users};
 
 #[derive(OpenApi)]
@@ -21,12 +21,15 @@ use crate::{enrichment, users};
         users::routes::get_user,
         profile_view::get_user_profile,
         enrichment::routes::get_enriched_profile,
+        admin::list_dead_letters,
+        admin::replay_dead_letter,
         health::health,
         health::ready,
     ),
     tags(
         (name = "users", description = "Create and read users"),
         (name = "enrichment", description = "Profiles derived asynchronously from new users"),
+        (name = "admin", description = "Dead letters and their replay"),
         (name = "operations", description = "Health for orchestrators"),
     )
 )]

@@ -85,7 +85,7 @@ async fn transient_failures_are_retried_on_the_backoff_schedule_then_succeed() {
     let uuid = user["uuid"].as_str().unwrap();
     let enriched = app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(enriched["github"], "github.com/adalovelace");
-    assert!(app.bus.dead_letters(10).await.unwrap().is_empty());
+    assert!(app.bus.dead_letters(10, None).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -110,7 +110,7 @@ async fn a_store_that_keeps_failing_leads_to_a_dead_letter_and_a_failed_profile(
     );
     assert_eq!(app.bus.pending(BINDING.queue).await.unwrap(), 0);
 
-    let dead = app.bus.dead_letters(10).await.unwrap();
+    let dead = app.bus.dead_letters(10, None).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].queue, BINDING.queue);
@@ -147,9 +147,9 @@ async fn an_unparseable_message_is_dead_lettered_at_once_without_blocking_others
         outcomes,
         [Outcome::DeadLettered { attempt: 1 }, Outcome::Acked]
     );
-    let dead = app.bus.dead_letters(10).await.unwrap();
+    let dead = app.bus.dead_letters(10, None).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].message_id.into_uuid(), poison.id);
+    assert_eq!(dead[0].message_id, poison.id);
     assert!(dead[0].error.contains("malformed"), "{}", dead[0].error);
     app.wait_for_ok(&format!(
         "/users/enriched/{}",
@@ -331,4 +331,80 @@ async fn many_users_created_concurrently_are_each_enriched_once() {
         .unwrap();
     assert_eq!(sent, 40, "one event per user");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_can_be_listed_and_replayed_once_the_store_recovers() {
+    let (app, store) = spawn_with_store().await;
+    store.fail_next_upserts(u32::MAX);
+    let user = app.create_user("Grace Hopper", "grace@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    app.relay.drain().await.unwrap();
+    while !matches!(next_outcome(&app).await, Outcome::DeadLettered { .. }) {}
+
+    let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["attempts"], 3);
+    assert_eq!(listed[0]["queue"], BINDING.queue);
+    assert_eq!(listed[0]["headers"]["event_version"], "1");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+
+    store.fail_next_upserts(0);
+    let replay = app
+        .client
+        .post(app.url(&format!("/admin/dead-letters/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::ACCEPTED);
+    assert_eq!(next_outcome(&app).await, Outcome::Acked);
+
+    let profile: Value = app
+        .get(&format!("/api/users/{uuid}/profile"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        profile["enrichment"]["status"], "completed",
+        "failed turns completed"
+    );
+    let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    assert!(listed.is_empty(), "a replayed letter is no longer listed");
+    let again = app
+        .client
+        .post(app.url(&format!("/admin/dead-letters/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(again, StatusCode::NOT_FOUND).await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_paged_with_a_link() {
+    let app = spawn_app().await;
+    for _ in 0..5 {
+        let poison = Envelope::new("user.created", "not json".into(), Default::default());
+        app.bus.publish(&poison).await.unwrap();
+    }
+    app.deliver_all().await;
+    let mut seen = Vec::new();
+    let mut next = Some("/admin/dead-letters?limit=2".to_owned());
+    while let Some(path) = next.take() {
+        let response = app.get(&path).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        next = response.headers().get("link").map(|l| {
+            let l = l.to_str().unwrap();
+            l[1..l.find('>').unwrap()].to_owned()
+        });
+        let page: Vec<Value> = response.json().await.unwrap();
+        seen.extend(
+            page.into_iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned()),
+        );
+        assert!(seen.len() <= 5);
+    }
+    assert_eq!(seen.len(), 5);
+    let response = app.get("/admin/dead-letters?limit=0").await;
+    assert_problem(response, StatusCode::BAD_REQUEST).await;
 }
