@@ -7,5 +7,6 @@ mod delivery;
 mod enrichment;
 mod errors;
 mod health;
+mod services;
 mod helpers;
 mod users;

@@ -1,0 +1,27 @@
+//! External services for integration tests, found through environment variables that
+//! `scripts/test-services.sh` exports. A missing service skips the test with a visible
+//! message, except under CI (`CI` set), where it fails the run.
+
+pub const POSTGRES: &str = "USERHUB_TEST_POSTGRES_URL";
+pub const MONGO: &str = "USERHUB_TEST_MONGO_URL";
+pub const REDIS: &str = "USERHUB_TEST_REDIS_URL";
+pub const AMQP: &str = "USERHUB_TEST_AMQP_URL";
+
+/// The URL in `var`, or `None` (after saying so) when the test should be skipped.
+pub fn service_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set; under CI every service must be available (run scripts/test-services.sh)")
+        }
+        _ => {
+            eprintln!("SKIPPED: {var} is not set (run the tests through scripts/test-services.sh)");
+            None
+        }
+    }
+}
+
+/// A name unique to this test run, for databases, key prefixes and queue names.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
