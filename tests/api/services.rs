@@ -12,7 +12,9 @@ pub fn service_url(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set; under CI every service must be available (run scripts/test-services.sh)")
+            panic!(
+                "{var} is not set; under CI every service must be available (run scripts/test-services.sh)"
+            )
         }
         _ => {
             eprintln!("SKIPPED: {var} is not set (run the tests through scripts/test-services.sh)");
