@@ -35,6 +35,8 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
+    /// PostgreSQL only: longest a single statement may run.
+    pub statement_timeout_ms: u64,
     pub migrate_on_start: bool,
 }
 
@@ -154,6 +156,7 @@ mod tests {
             url: SecretString::from("postgres://app:hunter2@db/userhub"),
             max_connections: 1,
             acquire_timeout_ms: 1,
+            statement_timeout_ms: 1,
             migrate_on_start: false,
         };
         assert!(!format!("{db:?}").contains("hunter2"));

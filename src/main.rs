@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use userhub::config::Settings;
-use userhub::startup::{Application, Roles, open_database};
+use userhub::startup::{Application, Roles, open_bus, open_database};
 use userhub::telemetry;
 
 /// userhub: a user registry with asynchronous profile enrichment.
@@ -37,6 +37,29 @@ enum Command {
     },
     /// Apply pending database migrations to database.url and exit.
     Migrate,
+    /// Inspect and replay dead letters (messages the workers gave up on).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Print dead letters, oldest first, one JSON object per line.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Start after this dead-letter id (the last id of a previous listing).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Put a dead letter back on its queue with a fresh attempt count.
+    Replay {
+        /// The dead letter's id, as `dlq list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +90,22 @@ async fn main() -> anyhow::Result<()> {
                 .await?
                 .run_until_stopped()
                 .await
+        }
+        Command::Dlq { command } => {
+            let database = open_database(&settings).await?;
+            let bus = open_bus(&settings, &database).await?.event_bus();
+            match command {
+                DlqCommand::List { limit, after } => {
+                    for letter in bus.dead_letters(limit, after.as_deref()).await? {
+                        println!("{}", serde_json::to_string(&letter)?);
+                    }
+                }
+                DlqCommand::Replay { id } => {
+                    anyhow::ensure!(bus.replay(&id).await?, "no dead letter {id} to replay");
+                    println!("replayed {id}");
+                }
+            }
+            Ok(())
         }
         Command::Migrate => {
             let mut settings = settings;

@@ -7,19 +7,18 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use secrecy::ExposeSecret;
-use sqlx::SqlitePool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{DeliveryPolicy, EventBus, InProcessBus};
 use crate::cache::{Cache, CachePolicy, MemoryCache};
 use crate::config::{Settings, scheme_of};
-use crate::db;
+use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, ProfileStore, SqliteProfileStore};
 use crate::http::{self, HttpState, Readiness};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
-use crate::users::{SqliteUserRepository, Users};
+use crate::users::{PgUserRepository, SqliteUserRepository, UserRepository, Users};
 
 /// What one process does. A single process does everything; later, `api,relay` hosts
 /// and `worker` hosts can share a broker.
@@ -55,7 +54,22 @@ pub struct Application {
     users: Users,
     enrichment: Enrichment,
     relay: Arc<OutboxRelay>,
-    bus: Arc<InProcessBus>,
+    bus: Bus,
+}
+
+/// The chosen bus adapter. Kept concrete (not only `dyn EventBus`) so tests can drive
+/// the in-process one step by step.
+#[derive(Clone)]
+pub enum Bus {
+    InProcess(Arc<InProcessBus>),
+}
+
+impl Bus {
+    pub fn event_bus(&self) -> Arc<dyn EventBus> {
+        match self {
+            Self::InProcess(bus) => bus.clone(),
+        }
+    }
 }
 
 impl Application {
@@ -68,42 +82,24 @@ impl Application {
         roles: Roles,
         overrides: Overrides,
     ) -> anyhow::Result<Self> {
-        let pool = open_database(&settings).await?;
-        let documents_pool = open_documents(&settings, &pool).await?;
-        require_scheme("cache.url", &scheme_of(&settings.cache.url), &["memory"])?;
-        require_scheme("bus.url", &scheme_of(&settings.bus.url), &["memory"])?;
+        let database = open_database(&settings).await?;
+        let bus = open_bus(&settings, &database).await?;
+        let cache = open_cache(&settings)?;
+        let store = match overrides.profile_store {
+            Some(store) => store,
+            None => open_documents(&settings, &database).await?,
+        };
 
-        let worker = &settings.worker;
-        let bus = Arc::new(InProcessBus::new(
-            pool.clone(),
-            vec![enrichment::BINDING],
-            DeliveryPolicy {
-                max_attempts: worker.max_attempts.max(1),
-                backoff: Backoff::new(
-                    Duration::from_millis(worker.backoff_base_ms),
-                    Duration::from_millis(worker.backoff_max_ms),
-                ),
-                handler_timeout: worker.handler_timeout(),
-                poll_interval: Duration::from_millis(worker.poll_interval_ms),
-            },
-        ));
-        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new(CachePolicy {
-            ttl: Duration::from_secs(settings.cache.ttl_secs),
-            max_entries: settings.cache.max_entries,
-        }));
         let signal = OutboxSignal::default();
-        let users = Users::new(
-            Arc::new(SqliteUserRepository::new(pool.clone())),
-            signal.clone(),
-            cache.clone(),
-        );
-        let store = overrides
-            .profile_store
-            .unwrap_or_else(|| Arc::new(SqliteProfileStore::new(documents_pool)));
+        let repository: Arc<dyn UserRepository> = match &database {
+            Database::Sqlite(pool) => Arc::new(SqliteUserRepository::new(pool.clone())),
+            Database::Postgres(pool) => Arc::new(PgUserRepository::new(pool.clone())),
+        };
+        let users = Users::new(repository, signal.clone(), cache.clone());
         let enrichment = Enrichment::new(store, cache);
         let relay = Arc::new(OutboxRelay::new(
-            pool,
-            bus.clone(),
+            database,
+            bus.event_bus(),
             signal,
             settings.outbox.batch_size,
             Duration::from_millis(settings.outbox.poll_interval_ms),
@@ -119,7 +115,7 @@ impl Application {
             readiness: Readiness {
                 users: users.clone(),
                 enrichment: enrichment.clone(),
-                bus: bus.clone(),
+                bus: bus.event_bus(),
             },
             serve_api: roles.api,
         };
@@ -163,9 +159,17 @@ impl Application {
         self.relay.clone()
     }
 
-    /// The in-process bus, for driving delivery step by step and reading dead letters.
-    pub fn bus(&self) -> Arc<InProcessBus> {
-        self.bus.clone()
+    /// The event bus, whichever adapter was chosen.
+    pub fn event_bus(&self) -> Arc<dyn EventBus> {
+        self.bus.event_bus()
+    }
+
+    /// The in-process bus when `bus.url` is `memory://`, for driving delivery step by
+    /// step in tests.
+    pub fn in_process_bus(&self) -> Option<Arc<InProcessBus>> {
+        match &self.bus {
+            Bus::InProcess(bus) => Some(bus.clone()),
+        }
     }
 
     /// Serves until SIGINT/SIGTERM or the shutdown token: then in-flight requests
@@ -180,7 +184,7 @@ impl Application {
             workers.spawn(async move { relay.run(token).await });
         }
         if self.roles.worker {
-            let (bus, token) = (self.bus.clone(), token.clone());
+            let (bus, token) = (self.bus.event_bus(), token.clone());
             let handler = self.enrichment.handler();
             workers.spawn(async move { bus.consume(&enrichment::BINDING, handler, token).await });
         }
@@ -208,40 +212,84 @@ impl Application {
 }
 
 /// Opens `database.url` and applies migrations when configured to.
-pub async fn open_database(settings: &Settings) -> anyhow::Result<SqlitePool> {
-    let scheme = scheme_of(&settings.database.url);
-    require_scheme("database.url", &scheme, &["sqlite"])?;
-    let pool = db::connect_sqlite(settings.database.url.expose_secret(), &settings.database)
+pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
+    require_scheme(
+        "database.url",
+        &scheme_of(&settings.database.url),
+        &["sqlite", "postgres", "postgresql"],
+    )?;
+    let database = Database::connect(settings.database.url.expose_secret(), &settings.database)
         .await
         .context("cannot open database.url")?;
     if settings.database.migrate_on_start {
-        db::migrate_sqlite(&pool)
+        database
+            .migrate()
             .await
             .context("cannot migrate database.url")?;
     }
-    Ok(pool)
+    Ok(database)
 }
 
-/// Opens `documents.url`, sharing the database pool when both name the same place.
-async fn open_documents(settings: &Settings, database: &SqlitePool) -> anyhow::Result<SqlitePool> {
-    let url = settings.documents.url.expose_secret();
-    if url == settings.database.url.expose_secret() {
-        return Ok(database.clone());
+fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
+    let worker = &settings.worker;
+    DeliveryPolicy {
+        max_attempts: worker.max_attempts.max(1),
+        backoff: Backoff::new(
+            Duration::from_millis(worker.backoff_base_ms),
+            Duration::from_millis(worker.backoff_max_ms),
+        ),
+        handler_timeout: worker.handler_timeout(),
+        poll_interval: Duration::from_millis(worker.poll_interval_ms),
     }
+}
+
+/// Opens `bus.url`: `memory://` is the in-process bus, a durable queue in `database.url`.
+pub async fn open_bus(settings: &Settings, database: &Database) -> anyhow::Result<Bus> {
+    let policy = delivery_policy(settings);
+    let scheme = scheme_of(&settings.bus.url);
+    require_scheme("bus.url", &scheme, &["memory"])?;
+    Ok(Bus::InProcess(Arc::new(InProcessBus::new(
+        database.clone(),
+        vec![enrichment::BINDING],
+        policy,
+    ))))
+}
+
+fn open_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>> {
+    require_scheme("cache.url", &scheme_of(&settings.cache.url), &["memory"])?;
+    Ok(Arc::new(MemoryCache::new(CachePolicy {
+        ttl: Duration::from_secs(settings.cache.ttl_secs),
+        max_entries: settings.cache.max_entries,
+    })))
+}
+
+/// Opens `documents.url`, sharing the database pool when both name the same SQLite file.
+async fn open_documents(
+    settings: &Settings,
+    database: &Database,
+) -> anyhow::Result<Arc<dyn ProfileStore>> {
+    let url = settings.documents.url.expose_secret();
     require_scheme(
         "documents.url",
         &scheme_of(&settings.documents.url),
         &["sqlite"],
     )?;
-    let pool = db::connect_sqlite(url, &settings.database)
-        .await
-        .context("cannot open documents.url")?;
-    if settings.database.migrate_on_start {
-        db::migrate_sqlite(&pool)
-            .await
-            .context("cannot migrate documents.url")?;
-    }
-    Ok(pool)
+    let pool = match database {
+        Database::Sqlite(pool) if url == settings.database.url.expose_secret() => pool.clone(),
+        _ => {
+            let pool = db::connect_sqlite(url, &settings.database)
+                .await
+                .context("cannot open documents.url")?;
+            if settings.database.migrate_on_start {
+                Database::Sqlite(pool.clone())
+                    .migrate()
+                    .await
+                    .context("cannot migrate documents.url")?;
+            }
+            pool
+        }
+    };
+    Ok(Arc::new(SqliteProfileStore::new(pool)))
 }
 
 fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Result<()> {

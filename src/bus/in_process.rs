@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::Database;
+use crate::with_pool;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::SqlitePool;
-use sqlx::types::uuid::fmt::Hyphenated;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -25,7 +25,7 @@ use super::{
 };
 
 pub struct InProcessBus {
-    pool: SqlitePool,
+    db: Database,
     bindings: Vec<Binding>,
     policy: DeliveryPolicy,
     wake: Arc<Notify>,
@@ -33,7 +33,7 @@ pub struct InProcessBus {
 
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
-    message_id: Hyphenated,
+    message_id: String,
     routing_key: String,
     payload: String,
     headers: String,
@@ -42,20 +42,20 @@ struct ClaimedRow {
 }
 
 impl ClaimedRow {
-    fn into_envelope(self) -> (Envelope, u32) {
+    fn into_envelope(self) -> Result<(Envelope, u32), BusError> {
         let headers: BTreeMap<String, String> =
             serde_json::from_str(&self.headers).unwrap_or_else(|error| {
                 tracing::warn!(%error, "message headers are not a JSON object; delivering without them");
                 BTreeMap::new()
             });
         let envelope = Envelope {
-            id: self.message_id.into_uuid(),
+            id: parse_message_id(&self.message_id)?,
             routing_key: self.routing_key,
             payload: self.payload,
             headers,
             occurred_at: self.occurred_at,
         };
-        (envelope, u32::try_from(self.attempts).unwrap_or(u32::MAX))
+        Ok((envelope, u32::try_from(self.attempts).unwrap_or(u32::MAX)))
     }
 }
 
@@ -68,9 +68,9 @@ fn millis(d: Duration) -> i64 {
 }
 
 impl InProcessBus {
-    pub fn new(pool: SqlitePool, bindings: Vec<Binding>, policy: DeliveryPolicy) -> Self {
+    pub fn new(db: Database, bindings: Vec<Binding>, policy: DeliveryPolicy) -> Self {
         Self {
-            pool,
+            db,
             bindings,
             policy,
             wake: Arc::new(Notify::new()),
@@ -89,25 +89,24 @@ impl InProcessBus {
         // The claim doubles as a lease: if this process dies mid-delivery, the message
         // becomes due again once the handler timeout (plus a margin) has passed.
         let lease_until = now + millis(self.policy.handler_timeout) + 5_000;
-        let claimed: Option<ClaimedRow> = sqlx::query_as(
+        let claimed: Option<ClaimedRow> = with_pool!(&self.db, |pool| sqlx::query_as(
             "UPDATE bus_messages
-                SET attempts = attempts + 1, available_at_ms = ?1,
-                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-              WHERE queue = ?2 AND message_id = (
+                SET attempts = attempts + 1, available_at_ms = $1
+              WHERE queue = $2 AND available_at_ms <= $3 AND message_id = (
                     SELECT message_id FROM bus_messages
-                     WHERE queue = ?2 AND available_at_ms <= ?3
+                     WHERE queue = $2 AND available_at_ms <= $3
                      ORDER BY available_at_ms, message_id LIMIT 1)
           RETURNING message_id, routing_key, payload, headers, occurred_at, attempts",
         )
         .bind(lease_until)
         .bind(binding.queue)
         .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(pool)
+        .await)?;
         let Some(row) = claimed else {
             return Ok(None);
         };
-        let (envelope, attempt) = row.into_envelope();
+        let (envelope, attempt) = row.into_envelope()?;
         let span = tracing::info_span!(
             "message",
             queue = binding.queue,
@@ -139,11 +138,14 @@ impl InProcessBus {
             });
         let error = match result {
             Ok(()) => {
-                sqlx::query("DELETE FROM bus_messages WHERE queue = ?1 AND message_id = ?2")
-                    .bind(binding.queue)
-                    .bind(envelope.id.hyphenated())
-                    .execute(&self.pool)
-                    .await?;
+                with_pool!(&self.db, |pool| sqlx::query(
+                    "DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2"
+                )
+                .bind(binding.queue)
+                .bind(envelope.id.to_string())
+                .execute(pool)
+                .await
+                .map(drop))?;
                 tracing::debug!("message acknowledged");
                 return Ok(Outcome::Acked);
             }
@@ -153,18 +155,18 @@ impl InProcessBus {
             }
             Err(HandlerError::Transient(error)) if attempt < self.policy.max_attempts => {
                 let delay = self.policy.backoff.delay(attempt);
-                sqlx::query(
+                with_pool!(&self.db, |pool| sqlx::query(
                     "UPDATE bus_messages
-                        SET available_at_ms = ?1, last_error = ?2,
-                            updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                      WHERE queue = ?3 AND message_id = ?4",
+                        SET available_at_ms = $1, last_error = $2
+                      WHERE queue = $3 AND message_id = $4",
                 )
                 .bind(now_ms() + millis(delay))
                 .bind(&error)
                 .bind(binding.queue)
-                .bind(envelope.id.hyphenated())
-                .execute(&self.pool)
-                .await?;
+                .bind(envelope.id.to_string())
+                .execute(pool)
+                .await
+                .map(drop))?;
                 tracing::warn!(%error, retry_in_ms = millis(delay), "delivery failed; will retry");
                 return Ok(Outcome::Retried { attempt, delay });
             }
@@ -188,47 +190,52 @@ impl InProcessBus {
     ) -> Result<(), BusError> {
         let headers = serde_json::to_string(&envelope.headers)
             .map_err(|e| BusError::Corrupt(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO dead_letters
+        with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO dead_letters
                  (queue, message_id, routing_key, payload, headers, occurred_at, attempts, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .bind(binding.queue)
-        .bind(envelope.id.hyphenated())
-        .bind(&envelope.routing_key)
-        .bind(&envelope.payload)
-        .bind(headers)
-        .bind(envelope.occurred_at)
-        .bind(i64::from(attempt))
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM bus_messages WHERE queue = ?1 AND message_id = ?2")
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
             .bind(binding.queue)
-            .bind(envelope.id.hyphenated())
+            .bind(envelope.id.to_string())
+            .bind(&envelope.routing_key)
+            .bind(&envelope.payload)
+            .bind(headers)
+            .bind(envelope.occurred_at)
+            .bind(i64::from(attempt))
+            .bind(error)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
+            sqlx::query("DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2")
+                .bind(binding.queue)
+                .bind(envelope.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })?;
         Ok(())
     }
 
     /// Messages of `queue` not yet acknowledged or dead-lettered.
     pub async fn pending(&self, queue: &str) -> Result<u64, BusError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bus_messages WHERE queue = ?1")
-            .bind(queue)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = with_pool!(&self.db, |pool| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM bus_messages WHERE queue = $1"
+        )
+        .bind(queue)
+        .fetch_one(pool)
+        .await)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// How long until the earliest message of `queue` is due (zero if one is due now).
     async fn next_due_in(&self, queue: &str) -> Result<Option<Duration>, BusError> {
-        let next: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(available_at_ms) FROM bus_messages WHERE queue = ?1")
-                .bind(queue)
-                .fetch_one(&self.pool)
-                .await?;
+        let next: Option<i64> = with_pool!(&self.db, |pool| sqlx::query_scalar(
+            "SELECT MIN(available_at_ms) FROM bus_messages WHERE queue = $1"
+        )
+        .bind(queue)
+        .fetch_one(pool)
+        .await)?;
         Ok(next.map(|at| Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))))
     }
 }
@@ -238,22 +245,23 @@ impl EventBus for InProcessBus {
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
         let headers = serde_json::to_string(&envelope.headers)
             .map_err(|e| BusError::Corrupt(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
-        for binding in self
-            .bindings
-            .iter()
-            .filter(|b| b.routing_key == envelope.routing_key)
-        {
-            // Re-publishing the same event (the relay crashed before marking it sent)
-            // must not queue it twice.
-            sqlx::query(
+        with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for binding in self
+                .bindings
+                .iter()
+                .filter(|b| b.routing_key == envelope.routing_key)
+            {
+                // Re-publishing the same event (the relay crashed before marking it sent)
+                // must not queue it twice.
+                sqlx::query(
                 "INSERT INTO bus_messages
                      (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (queue, message_id) DO NOTHING",
             )
             .bind(binding.queue)
-            .bind(envelope.id.hyphenated())
+            .bind(envelope.id.to_string())
             .bind(&envelope.routing_key)
             .bind(&envelope.payload)
             .bind(&headers)
@@ -261,8 +269,9 @@ impl EventBus for InProcessBus {
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
+            }
+            tx.commit().await
+        })?;
         self.wake.notify_one();
         Ok(())
     }
@@ -309,8 +318,7 @@ impl EventBus for InProcessBus {
     }
 
     async fn ping(&self) -> Result<(), BusError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        Ok(self.db.ping().await?)
     }
 
     async fn dead_letters(
@@ -324,52 +332,57 @@ impl EventBus for InProcessBus {
                 .parse()
                 .map_err(|_| BusError::Corrupt(format!("{id:?} is not a dead-letter id")))?,
         };
-        let rows: Vec<DeadLetterRow> = sqlx::query_as(
+        let rows: Vec<DeadLetterRow> = with_pool!(&self.db, |pool| sqlx::query_as(
             "SELECT id, queue, message_id, routing_key, payload, headers, attempts, error,
                     created_at
                FROM dead_letters
-              WHERE replayed_at IS NULL AND id > ?1
-              ORDER BY id LIMIT ?2",
+              WHERE replayed_at IS NULL AND id > $1
+              ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(DeadLetter::from).collect())
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter().map(DeadLetter::try_from).collect()
     }
 
     async fn replay(&self, id: &str) -> Result<bool, BusError> {
         let Ok(id) = id.parse::<i64>() else {
             return Ok(false);
         };
-        let mut tx = self.pool.begin().await?;
-        // Marking first makes a concurrent second replay of the same letter a no-op.
-        let replayed = sqlx::query(
-            "UPDATE dead_letters SET replayed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
-                                     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-              WHERE id = ?1 AND replayed_at IS NULL",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        if replayed.rows_affected() == 0 {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO bus_messages
+        let replayed = with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            // Marking first makes a concurrent second replay of the same letter a no-op.
+            let replayed = sqlx::query(
+                "UPDATE dead_letters SET replayed_at = $2 WHERE id = $1 AND replayed_at IS NULL",
+            )
+            .bind(id)
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
+            if replayed.rows_affected() == 0 {
+                false
+            } else {
+                sqlx::query(
+                    "INSERT INTO bus_messages
                  (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
-             SELECT queue, message_id, routing_key, payload, headers, occurred_at, ?2
-               FROM dead_letters WHERE id = ?1
+             SELECT queue, message_id, routing_key, payload, headers, occurred_at, $2
+               FROM dead_letters WHERE id = $1
              ON CONFLICT (queue, message_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.wake.notify_one();
-        tracing::info!(dead_letter = id, "dead letter replayed");
-        Ok(true)
+                )
+                .bind(id)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                true
+            }
+        });
+        if replayed {
+            self.wake.notify_one();
+            tracing::info!(dead_letter = id, "dead letter replayed");
+        }
+        Ok(replayed)
     }
 }
 
@@ -377,7 +390,7 @@ impl EventBus for InProcessBus {
 struct DeadLetterRow {
     id: i64,
     queue: String,
-    message_id: Hyphenated,
+    message_id: String,
     routing_key: String,
     payload: String,
     headers: String,
@@ -386,18 +399,25 @@ struct DeadLetterRow {
     created_at: DateTime<Utc>,
 }
 
-impl From<DeadLetterRow> for DeadLetter {
-    fn from(row: DeadLetterRow) -> Self {
-        Self {
+fn parse_message_id(raw: &str) -> Result<uuid::Uuid, BusError> {
+    uuid::Uuid::parse_str(raw)
+        .map_err(|_| BusError::Corrupt(format!("message id {raw:?} is not a uuid")))
+}
+
+impl TryFrom<DeadLetterRow> for DeadLetter {
+    type Error = BusError;
+
+    fn try_from(row: DeadLetterRow) -> Result<Self, BusError> {
+        Ok(Self {
             id: row.id.to_string(),
             queue: row.queue,
-            message_id: row.message_id.into_uuid(),
+            message_id: parse_message_id(&row.message_id)?,
             routing_key: row.routing_key,
             payload: row.payload,
             headers: serde_json::from_str(&row.headers).unwrap_or_default(),
             attempts: u32::try_from(row.attempts).unwrap_or(0),
             error: row.error,
             dead_at: row.created_at,
-        }
+        })
     }
 }

@@ -9,13 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
 use sqlx::types::uuid::fmt::Hyphenated;
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{PgConnection, SqliteConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Envelope, EventBus};
+use crate::db::Database;
 use crate::resilience::Backoff;
+
+/// PostgreSQL channel notified by every commit that wrote outbox rows, so relays in
+/// other processes wake at once.
+pub const NOTIFY_CHANNEL: &str = "userhub_outbox";
 
 /// Wakes the relay right after a commit that wrote outbox rows, so delivery does not
 /// wait for the next poll.
@@ -28,7 +34,32 @@ impl OutboxSignal {
     }
 }
 
-/// Adds `envelope` to the outbox inside the caller's transaction.
+fn headers_json(envelope: &Envelope) -> sqlx::Result<String> {
+    serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// Adds `envelope` to the outbox inside the caller's PostgreSQL transaction, and
+/// notifies waiting relays when that transaction commits.
+pub async fn enqueue_postgres(conn: &mut PgConnection, envelope: &Envelope) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(envelope.id)
+    .bind(&envelope.routing_key)
+    .bind(&envelope.payload)
+    .bind(headers_json(envelope)?)
+    .bind(envelope.occurred_at)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds `envelope` to the outbox inside the caller's SQLite transaction.
 pub async fn enqueue(conn: &mut SqliteConnection, envelope: &Envelope) -> sqlx::Result<()> {
     let headers =
         serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
@@ -56,6 +87,33 @@ struct OutboxRow {
     occurred_at: DateTime<Utc>,
 }
 
+#[derive(sqlx::FromRow)]
+struct PgOutboxRow {
+    id: i64,
+    event_id: uuid::Uuid,
+    routing_key: String,
+    payload: String,
+    headers: String,
+    occurred_at: DateTime<Utc>,
+}
+
+fn envelope_of(
+    event_id: uuid::Uuid,
+    routing_key: String,
+    payload: String,
+    headers: &str,
+    occurred_at: DateTime<Utc>,
+) -> Envelope {
+    Envelope {
+        id: event_id,
+        routing_key,
+        payload,
+        // A row we wrote ourselves; unreadable headers only lose correlation.
+        headers: serde_json::from_str(headers).unwrap_or_default(),
+        occurred_at,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("outbox storage failed: {0}")]
@@ -69,7 +127,7 @@ pub enum RelayError {
 
 /// Moves outbox rows to the bus, oldest first.
 pub struct OutboxRelay {
-    pool: SqlitePool,
+    db: Database,
     bus: Arc<dyn EventBus>,
     signal: OutboxSignal,
     batch_size: u32,
@@ -79,14 +137,14 @@ pub struct OutboxRelay {
 
 impl OutboxRelay {
     pub fn new(
-        pool: SqlitePool,
+        db: Database,
         bus: Arc<dyn EventBus>,
         signal: OutboxSignal,
         batch_size: u32,
         poll_interval: Duration,
     ) -> Self {
         Self {
-            pool,
+            db,
             bus,
             signal,
             batch_size: batch_size.max(1),
@@ -98,42 +156,95 @@ impl OutboxRelay {
     /// Publishes up to one batch of unsent rows, in order, and returns how many were
     /// sent. Stops at the first failure so order is kept; that row is retried next time.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+        match &self.db {
+            Database::Sqlite(pool) => self.relay_batch_sqlite(pool).await,
+            Database::Postgres(pool) => self.relay_batch_postgres(pool).await,
+        }
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<(), RelayError> {
+        self.bus
+            .publish(envelope)
+            .await
+            .map_err(|source| RelayError::Publish {
+                event_id: envelope.id,
+                source,
+            })?;
+        tracing::debug!(event_id = %envelope.id, routing_key = %envelope.routing_key, "event relayed");
+        Ok(())
+    }
+
+    /// SQLite has one writer at a time, so a plain read in id order is enough.
+    async fn relay_batch_sqlite(&self, pool: &sqlx::SqlitePool) -> Result<usize, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, event_id, routing_key, payload, headers, occurred_at
                FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT ?1",
         )
         .bind(i64::from(self.batch_size))
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await?;
         let mut sent = 0;
         for row in rows {
-            let envelope = Envelope {
-                id: row.event_id.into_uuid(),
-                routing_key: row.routing_key,
-                payload: row.payload,
-                // A row we wrote ourselves; unreadable headers only lose correlation.
-                headers: serde_json::from_str(&row.headers).unwrap_or_default(),
-                occurred_at: row.occurred_at,
-            };
-            self.bus
-                .publish(&envelope)
-                .await
-                .map_err(|source| RelayError::Publish {
-                    event_id: envelope.id,
-                    source,
-                })?;
+            let envelope = envelope_of(
+                row.event_id.into_uuid(),
+                row.routing_key,
+                row.payload,
+                &row.headers,
+                row.occurred_at,
+            );
+            self.publish(&envelope).await?;
             sqlx::query(
                 "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
                   WHERE id = ?1",
             )
             .bind(row.id)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
-            tracing::debug!(event_id = %envelope.id, routing_key = %envelope.routing_key, "event relayed");
             sent += 1;
         }
         Ok(sent)
+    }
+
+    /// Claims the batch with `FOR UPDATE SKIP LOCKED`: relays in other processes take
+    /// the next rows instead of waiting or publishing these twice. Rows are marked in the
+    /// same transaction, which commits what was published even when a later publish
+    /// fails.
+    async fn relay_batch_postgres(&self, pool: &sqlx::PgPool) -> Result<usize, RelayError> {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<PgOutboxRow> = sqlx::query_as(
+            "SELECT id, event_id, routing_key, payload, headers, occurred_at
+               FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1
+                FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(self.batch_size))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut sent = 0;
+        let mut failure = None;
+        for row in rows {
+            let envelope = envelope_of(
+                row.event_id,
+                row.routing_key,
+                row.payload,
+                &row.headers,
+                row.occurred_at,
+            );
+            if let Err(error) = self.publish(&envelope).await {
+                failure = Some(error);
+                break;
+            }
+            sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = $1")
+                .bind(row.id)
+                .execute(&mut *tx)
+                .await?;
+            sent += 1;
+        }
+        tx.commit().await?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(sent),
+        }
     }
 
     /// Relays until the outbox is empty; for tests and `userhub` one-shot use.
@@ -150,15 +261,35 @@ impl OutboxRelay {
 
     /// Rows not yet handed to the bus.
     pub async fn backlog(&self) -> Result<u64, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-            .fetch_one(&self.pool)
-            .await?;
+        const SQL: &str = "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL";
+        let n: i64 = match &self.db {
+            Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
+            Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
+        };
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// On PostgreSQL, a listener for commits made by other processes.
+    async fn listen(&self) -> Option<PgListener> {
+        let Database::Postgres(pool) = &self.db else {
+            return None;
+        };
+        let mut listener = PgListener::connect_with(pool)
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "no LISTEN connection; relying on polls"))
+            .ok()?;
+        listener
+            .listen(NOTIFY_CHANNEL)
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "LISTEN failed; relying on polls"))
+            .ok()?;
+        Some(listener)
     }
 
     /// Relays until `shutdown` is cancelled, between batches.
     pub async fn run(&self, shutdown: CancellationToken) {
         tracing::info!("outbox relay started");
+        let mut listener = self.listen().await;
         let mut consecutive_errors = 0;
         while !shutdown.is_cancelled() {
             let wait = match self.relay_batch().await {
@@ -181,9 +312,24 @@ impl OutboxRelay {
                 () = shutdown.cancelled() => break,
                 // After a failure, new writes must not cut the backoff short.
                 () = self.signal.0.notified(), if consecutive_errors == 0 => {}
+                notified = next_notification(listener.as_mut()), if consecutive_errors == 0 => {
+                    if let Err(error) = notified {
+                        // PgListener reconnects by itself on the next call; poll meanwhile.
+                        tracing::warn!(%error, "outbox LISTEN connection lost");
+                        listener = None;
+                    }
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
         tracing::info!("outbox relay stopped");
+    }
+}
+
+/// The next NOTIFY, or never when there is no listener.
+async fn next_notification(listener: Option<&mut PgListener>) -> sqlx::Result<()> {
+    match listener {
+        Some(listener) => listener.recv().await.map(drop),
+        None => std::future::pending().await,
     }
 }

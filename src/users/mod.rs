@@ -2,6 +2,7 @@
 //! `user.created` event through the outbox. Knows nothing of enrichment.
 
 mod domain;
+mod postgres;
 mod repository;
 pub(crate) mod routes;
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use domain::{Email, NewUser, UserName, mask_email};
+pub use postgres::PgUserRepository;
 pub use repository::{CreateUserError, ListQuery, SqliteUserRepository, User, UserRepository};
 pub use routes::{CreateUserRequest, UserResponse, configure};
 

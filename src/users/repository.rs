@@ -56,6 +56,22 @@ pub trait UserRepository: Send + Sync {
     async fn ping(&self) -> Result<(), sqlx::Error>;
 }
 
+/// The `user.created` envelope announcing `user`.
+pub(super) fn user_created(
+    user: &User,
+    mut event_headers: BTreeMap<String, String>,
+) -> Result<Envelope, sqlx::Error> {
+    let event = UserCreated {
+        uuid: user.uuid,
+        name: user.name.clone(),
+        email: user.email.clone(),
+        created_at: user.created_at,
+    };
+    event_headers.insert(headers::EVENT_VERSION.into(), USER_CREATED_VERSION.into());
+    let payload = serde_json::to_string(&event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    Ok(Envelope::new(USER_CREATED, payload, event_headers))
+}
+
 pub struct SqliteUserRepository {
     pool: SqlitePool,
 }
@@ -89,7 +105,7 @@ impl From<UserRow> for User {
 
 /// True when `error` is the violation of the unique constraint named `constraint`.
 /// PostgreSQL reports the name; SQLite only names the column, which we name alike.
-fn violates(error: &sqlx::Error, constraint: &str, column: &str) -> bool {
+pub(super) fn violates(error: &sqlx::Error, constraint: &str, column: &str) -> bool {
     match error {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             db.constraint() == Some(constraint) || db.message().contains(column)
@@ -104,7 +120,7 @@ impl UserRepository for SqliteUserRepository {
     async fn create(
         &self,
         user: &NewUser,
-        mut event_headers: BTreeMap<String, String>,
+        event_headers: BTreeMap<String, String>,
     ) -> Result<User, CreateUserError> {
         let mut tx = self.pool.begin().await?;
         let row: UserRow = sqlx::query_as(
@@ -127,20 +143,7 @@ impl UserRepository for SqliteUserRepository {
             }
         })?;
         let user = User::from(row);
-        let event = UserCreated {
-            uuid: user.uuid,
-            name: user.name.clone(),
-            email: user.email.clone(),
-            created_at: user.created_at,
-        };
-        event_headers.insert(headers::EVENT_VERSION.into(), USER_CREATED_VERSION.into());
-        let payload =
-            serde_json::to_string(&event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        outbox::enqueue(
-            &mut tx,
-            &Envelope::new(USER_CREATED, payload, event_headers),
-        )
-        .await?;
+        outbox::enqueue(&mut tx, &user_created(&user, event_headers)?).await?;
         tx.commit().await?;
         Ok(user)
     }

@@ -29,9 +29,14 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 /// How long asynchronous effects may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-pub struct TestApp {
+/// An HTTP client bound to one running app, with typed request helpers.
+pub struct Api {
     pub address: String,
     pub client: reqwest::Client,
+}
+
+pub struct TestApp {
+    pub api: Api,
     /// A separate connection to the test's database, for inspection.
     pub db: SqlitePool,
     pub relay: Arc<OutboxRelay>,
@@ -108,7 +113,9 @@ pub async fn spawn(options: Spawn) -> TestApp {
         .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let relay = app.relay();
-    let bus = app.bus();
+    let bus = app
+        .in_process_bus()
+        .expect("the SQLite test app uses the in-process bus");
     let handler = app.enrichment().handler();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run_until_stopped());
@@ -119,11 +126,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
         store.attach(db.clone());
     }
     TestApp {
-        address,
-        client: reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("http client"),
+        api: Api::new(address),
         db,
         relay,
         bus,
@@ -134,7 +137,17 @@ pub async fn spawn(options: Spawn) -> TestApp {
     }
 }
 
-impl TestApp {
+impl Api {
+    pub fn new(address: String) -> Self {
+        Self {
+            address,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("http client"),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
@@ -168,21 +181,6 @@ impl TestApp {
         response.json().await.expect("user JSON")
     }
 
-    /// Relays the whole outbox, then delivers every due message. Returns the outcomes.
-    pub async fn deliver_all(&self) -> Vec<Outcome> {
-        self.relay.drain().await.expect("outbox drains");
-        let mut outcomes = Vec::new();
-        while let Some(outcome) = self
-            .bus
-            .process_next(&BINDING, self.handler.as_ref())
-            .await
-            .expect("bus step")
-        {
-            outcomes.push(outcome);
-        }
-        outcomes
-    }
-
     /// Polls `path` until it answers 200 or the deadline passes.
     pub async fn wait_for_ok(&self, path: &str) -> Value {
         let started = Instant::now();
@@ -198,6 +196,31 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl TestApp {
+    /// Relays the whole outbox, then delivers every due message. Returns the outcomes.
+    pub async fn deliver_all(&self) -> Vec<Outcome> {
+        self.relay.drain().await.expect("outbox drains");
+        let mut outcomes = Vec::new();
+        while let Some(outcome) = self
+            .bus
+            .process_next(&BINDING, self.handler.as_ref())
+            .await
+            .expect("bus step")
+        {
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 
     pub async fn outbox_unsent(&self) -> i64 {
