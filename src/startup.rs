@@ -40,10 +40,13 @@ impl Roles {
     };
 }
 
-/// Replacements for adapters, for tests that need a failing one.
+/// Wraps the profile store the settings chose (tests put a breakable one in front).
+pub type StoreWrapper = Box<dyn FnOnce(Arc<dyn ProfileStore>) -> Arc<dyn ProfileStore> + Send>;
+
+/// Hooks for tests that need to break an adapter.
 #[derive(Default)]
 pub struct Overrides {
-    pub profile_store: Option<Arc<dyn ProfileStore>>,
+    pub wrap_profile_store: Option<StoreWrapper>,
 }
 
 pub struct Application {
@@ -85,10 +88,10 @@ impl Application {
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let cache = open_cache(&settings)?;
-        let store = match overrides.profile_store {
-            Some(store) => store,
-            None => open_documents(&settings, &database).await?,
-        };
+        let mut store = open_documents(&settings, &database).await?;
+        if let Some(wrap) = overrides.wrap_profile_store {
+            store = wrap(store);
+        }
 
         let signal = OutboxSignal::default();
         let repository: Arc<dyn UserRepository> = match &database {

@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{ControlledStore, Spawn, spawn, spawn_app};
 
 #[tokio::test]
 async fn a_cached_user_is_served_without_the_database() {
@@ -13,17 +13,19 @@ async fn a_cached_user_is_served_without_the_database() {
     assert_eq!(app.get(&path).await.status(), StatusCode::OK);
 
     // Remove the row behind the app's back: only the cache can still answer.
-    sqlx::query("DELETE FROM users")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.execute("DELETE FROM users").await;
     let cached: Value = app.get(&path).await.json().await.unwrap();
     assert_eq!(cached, user);
 }
 
 #[tokio::test]
 async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
-    let app = spawn_app().await;
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
     let user = app.create_user("Grace Hopper", "grace@example.com").await;
     let uuid = user["uuid"].as_str().unwrap();
     let pending: Value = app
@@ -46,11 +48,9 @@ async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
         "pending was not cached"
     );
 
-    // The worker wrote the cache after the store: the profile survives losing the row.
-    sqlx::query("DELETE FROM enriched_profiles")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    // The worker wrote the cache after the store: the profile is served while the
+    // store is down.
+    store.set_down(true);
     let enriched: Value = app
         .get(&format!("/users/enriched/{uuid}"))
         .await

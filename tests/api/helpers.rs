@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
-use sqlx::SqlitePool;
+use sqlx::Connection;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userhub::bus::{EventHandler, InProcessBus, Outcome};
 use userhub::config::Settings;
+use userhub::db::Database;
 use userhub::enrichment::{BINDING, ProfileStore};
 use userhub::outbox::OutboxRelay;
 use userhub::startup::{Application, Overrides, Roles};
+use userhub::with_pool;
 
 /// Logs go to the test output only when TEST_LOG is set: `TEST_LOG=1 cargo test`.
 static TRACING: LazyLock<()> = LazyLock::new(|| {
@@ -38,21 +40,114 @@ pub struct Api {
 pub struct TestApp {
     pub api: Api,
     /// A separate connection to the test's database, for inspection.
-    pub db: SqlitePool,
+    pub db: Database,
     pub relay: Arc<OutboxRelay>,
     pub bus: Arc<InProcessBus>,
     pub handler: Arc<dyn EventHandler>,
-    pub dir: Arc<TempDir>,
+    pub storage: Storage,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Which backends the app under test uses: the embedded ones by default;
+/// `USERHUB_TEST_BACKENDS=services` runs the same tests against PostgreSQL.
+fn use_services() -> bool {
+    std::env::var("USERHUB_TEST_BACKENDS").is_ok_and(|v| v == "services")
+}
+
+/// A test's own storage: a temporary folder, and in services mode a PostgreSQL
+/// database of its own, dropped when the last app using it is gone.
+#[derive(Clone)]
+pub struct Storage {
+    pub dir: Arc<TempDir>,
+    pub postgres: Option<Arc<PgTestDatabase>>,
+}
+
+impl Storage {
+    async fn new() -> Self {
+        let postgres = match use_services() {
+            true => Some(Arc::new(PgTestDatabase::create().await)),
+            false => None,
+        };
+        Self {
+            dir: Arc::new(TempDir::new().expect("temporary folder")),
+            postgres,
+        }
+    }
+
+    fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("userhub.db").display())
+    }
+
+    fn database_url(&self) -> String {
+        match &self.postgres {
+            Some(pg) => pg.url.clone(),
+            None => self.sqlite_url(),
+        }
+    }
+}
+
+/// A PostgreSQL database created for one test and dropped afterwards.
+pub struct PgTestDatabase {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl PgTestDatabase {
+    pub async fn create() -> Self {
+        let admin_url = crate::services::service_url(crate::services::POSTGRES)
+            .expect("USERHUB_TEST_BACKENDS=services needs USERHUB_TEST_POSTGRES_URL");
+        let name = crate::services::unique_name("userhub_test");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL admin connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("the PostgreSQL URL names a database");
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for PgTestDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside async code: use a runtime of its own on a plain thread.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
 }
 
 /// How to spawn an app.
 pub struct Spawn {
     pub roles: Roles,
-    /// Reuse another app's database folder (restart tests).
-    pub dir: Option<Arc<TempDir>>,
-    /// Replaces the profile store with one the test can break.
+    /// Reuse another app's storage (restart tests).
+    pub storage: Option<Storage>,
+    /// Puts a store the test can break in front of the real profile store.
     pub store: Option<Arc<ControlledStore>>,
     pub configure: fn(&mut Settings),
 }
@@ -66,7 +161,7 @@ impl Default for Spawn {
                 relay: false,
                 worker: false,
             },
-            dir: None,
+            storage: None,
             store: None,
             configure: |_| {},
         }
@@ -87,26 +182,25 @@ pub async fn spawn_running_app() -> TestApp {
     .await
 }
 
-pub fn database_url(dir: &TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("userhub.db").display())
-}
-
 pub async fn spawn(options: Spawn) -> TestApp {
     LazyLock::force(&TRACING);
-    let dir = options
-        .dir
-        .unwrap_or_else(|| Arc::new(TempDir::new().expect("temporary folder")));
+    let storage = match options.storage {
+        Some(storage) => storage,
+        None => Storage::new().await,
+    };
     let mut settings = Settings::load_for("test").expect("test settings load");
     settings.server.port = 0;
-    settings.database.url = database_url(&dir).into();
-    settings.documents.url = database_url(&dir).into();
+    settings.database.url = storage.database_url().into();
+    settings.documents.url = storage.sqlite_url().into();
     (options.configure)(&mut settings);
 
     let overrides = Overrides {
-        profile_store: options
-            .store
-            .clone()
-            .map(|store| store as Arc<dyn ProfileStore>),
+        wrap_profile_store: options.store.map(|store| {
+            Box::new(move |inner: Arc<dyn ProfileStore>| {
+                store.attach(inner);
+                store as Arc<dyn ProfileStore>
+            }) as _
+        }),
     };
     let app = Application::build_with(settings, options.roles, overrides)
         .await
@@ -115,26 +209,31 @@ pub async fn spawn(options: Spawn) -> TestApp {
     let relay = app.relay();
     let bus = app
         .in_process_bus()
-        .expect("the SQLite test app uses the in-process bus");
+        .expect("the test app uses the in-process bus");
     let handler = app.enrichment().handler();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run_until_stopped());
-    let db = SqlitePool::connect(&database_url(&dir))
+    let db = userhub::db::Database::connect(&storage.database_url(), &inspection_settings())
         .await
         .expect("inspection connection");
-    if let Some(store) = options.store {
-        store.attach(db.clone());
-    }
     TestApp {
         api: Api::new(address),
         db,
         relay,
         bus,
         handler,
-        dir,
+        storage,
         shutdown,
         task: Some(task),
     }
+}
+
+fn inspection_settings() -> userhub::config::DatabaseSettings {
+    let mut settings = Settings::load_for("test")
+        .expect("test settings load")
+        .database;
+    settings.max_connections = 2;
+    settings
 }
 
 impl Api {
@@ -224,14 +323,30 @@ impl TestApp {
     }
 
     pub async fn outbox_unsent(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-            .fetch_one(&self.db)
+        self.count("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
             .await
-            .expect("outbox count")
     }
 
-    /// Stops the app as SIGTERM would and waits until it has stopped.
-    pub async fn stop(mut self) -> Arc<TempDir> {
+    /// Runs a `SELECT COUNT(*) …` on the test's database.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        with_pool!(&self.db, |pool| sqlx::query_scalar(sql)
+            .fetch_one(pool)
+            .await)
+        .expect("count query")
+    }
+
+    /// Runs one statement on the test's database, behind the app's back.
+    pub async fn execute(&self, sql: &'static str) {
+        with_pool!(&self.db, |pool| sqlx::query(sql)
+            .execute(pool)
+            .await
+            .map(drop))
+        .expect("statement");
+    }
+
+    /// Stops the app as SIGTERM would and waits until it has stopped, returning its
+    /// storage for a restart.
+    pub async fn stop(mut self) -> Storage {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(DEADLINE, task)
@@ -240,7 +355,7 @@ impl TestApp {
                 .expect("app task joins")
                 .expect("app stops cleanly");
         }
-        self.dir.clone()
+        self.storage.clone()
     }
 }
 
@@ -270,7 +385,7 @@ pub async fn assert_problem(response: Response, status: StatusCode) -> Value {
 /// A profile store the test can break: upserts fail while `failing_upserts` is above
 /// zero, and everything fails while it is "down". Records when upserts were attempted.
 pub struct ControlledStore {
-    inner: tokio::sync::OnceCell<userhub::enrichment::SqliteProfileStore>,
+    inner: std::sync::OnceLock<Arc<dyn ProfileStore>>,
     failing_upserts: std::sync::atomic::AtomicU32,
     down: std::sync::atomic::AtomicBool,
     pub upsert_attempts: std::sync::Mutex<Vec<Instant>>,
@@ -279,18 +394,18 @@ pub struct ControlledStore {
 impl ControlledStore {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            inner: tokio::sync::OnceCell::new(),
+            inner: std::sync::OnceLock::new(),
             failing_upserts: 0.into(),
             down: false.into(),
             upsert_attempts: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// Backs the store with the app's database once it exists.
-    pub fn attach(&self, pool: SqlitePool) {
-        let _ = self
-            .inner
-            .set(userhub::enrichment::SqliteProfileStore::new(pool));
+    /// Puts this store in front of the app's real one.
+    fn attach(&self, inner: Arc<dyn ProfileStore>) {
+        if self.inner.set(inner).is_err() {
+            panic!("a ControlledStore serves one app");
+        }
     }
 
     pub fn fail_next_upserts(&self, n: u32) {
@@ -302,7 +417,7 @@ impl ControlledStore {
         self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn check(&self) -> Result<&userhub::enrichment::SqliteProfileStore, StoreError> {
+    fn check(&self) -> Result<&Arc<dyn ProfileStore>, StoreError> {
         if self.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Backend("store is down (test)".into()));
         }

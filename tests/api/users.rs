@@ -5,6 +5,8 @@ use std::collections::HashSet;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use userhub::with_pool;
+
 use crate::helpers::{TestApp, assert_problem, spawn_app};
 
 #[tokio::test]
@@ -32,10 +34,12 @@ async fn the_user_and_its_event_are_written_together() {
     let app = spawn_app().await;
     app.create_user("Grace Hopper", "grace@example.com").await;
     assert_eq!(app.outbox_unsent().await, 1);
-    let payload: String = sqlx::query_scalar("SELECT payload FROM outbox")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let payload: String = with_pool!(&app.db, |pool| sqlx::query_scalar(
+        "SELECT payload FROM outbox"
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
     let event: Value = serde_json::from_str(&payload).unwrap();
     assert_eq!(event["email"], "grace@example.com");
 }
@@ -89,10 +93,7 @@ async fn invalid_input_is_400_with_field_errors_and_nothing_is_written() {
             assert!(messages[0].as_str().is_some_and(|m| !m.is_empty()));
         }
     }
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let users = app.count("SELECT COUNT(*) FROM users").await;
     assert_eq!(users, 0);
     assert_eq!(app.outbox_unsent().await, 0);
 }
@@ -124,10 +125,7 @@ async fn a_taken_email_is_409_ignoring_case() {
         let problem = assert_problem(response, StatusCode::CONFLICT).await;
         assert!(problem["errors"]["email"].is_array(), "{problem}");
     }
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let users = app.count("SELECT COUNT(*) FROM users").await;
     assert_eq!(users, 1);
     assert_eq!(app.outbox_unsent().await, 1, "no event for a refused user");
     let fetched: Value = app
