@@ -1,0 +1,160 @@
+//! PostgreSQL-only guarantees of the outbox relay: concurrent relays share the outbox
+//! without publishing a row twice or skipping one, and LISTEN/NOTIFY wakes a relay in
+//! another process at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandler};
+use userhub::config::Settings;
+use userhub::db::Database;
+use userhub::outbox::{OutboxRelay, OutboxSignal};
+use userhub::users::{Email, NewUser, PgUserRepository, UserName, UserRepository};
+
+use crate::helpers::{DEADLINE, PgTestDatabase};
+use crate::services::{POSTGRES, service_url};
+
+/// A bus that records what it is given; publishing yields so relays interleave.
+#[derive(Default)]
+struct RecordingBus {
+    published: Mutex<Vec<uuid::Uuid>>,
+}
+
+impl RecordingBus {
+    fn ids(&self) -> Vec<uuid::Uuid> {
+        self.published.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl EventBus for RecordingBus {
+    async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        self.published.lock().unwrap().push(envelope.id);
+        Ok(())
+    }
+
+    async fn consume(&self, _: &Binding, _: Arc<dyn EventHandler>, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn dead_letters(&self, _: u32, _: Option<&str>) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(Vec::new())
+    }
+
+    async fn replay(&self, _: &str) -> Result<bool, BusError> {
+        Ok(false)
+    }
+}
+
+async fn migrated(test_db: &PgTestDatabase) -> (Database, sqlx::PgPool) {
+    let settings = Settings::load_for("test").unwrap().database;
+    let database = Database::connect(&test_db.url, &settings).await.unwrap();
+    database.migrate().await.unwrap();
+    let Database::Postgres(pool) = database.clone() else {
+        unreachable!("a postgres URL gives a PostgreSQL database")
+    };
+    (database, pool)
+}
+
+async fn create_users(pool: &sqlx::PgPool, range: std::ops::Range<usize>) {
+    let repository = PgUserRepository::new(pool.clone());
+    for i in range {
+        let user = NewUser {
+            name: UserName::parse(&format!("Person {i}")).unwrap(),
+            email: Email::parse(&format!("p{i}@example.com")).unwrap(),
+        };
+        repository.create(&user, BTreeMap::new()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn two_relays_publish_every_row_exactly_once() {
+    if service_url(POSTGRES).is_none() {
+        return;
+    }
+    let test_db = PgTestDatabase::create().await;
+    let (database, pool) = migrated(&test_db).await;
+    create_users(&pool, 0..300).await;
+
+    let bus = Arc::new(RecordingBus::default());
+    let relay = |batch| {
+        OutboxRelay::new(
+            database.clone(),
+            bus.clone(),
+            OutboxSignal::default(),
+            batch,
+            Duration::from_secs(60),
+        )
+    };
+    let (first, second) = (relay(10), relay(10));
+    let (a, b) = tokio::join!(first.drain(), second.drain());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // A relay stops when it sees a short batch, which rows locked by the other can
+    // cause: one more pass picks up anything left.
+    let rest = first.drain().await.unwrap();
+    eprintln!("relay 1 sent {a}, relay 2 sent {b}, a last pass {rest}");
+
+    let ids = bus.ids();
+    assert_eq!(ids.len(), 300, "every row published");
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        300,
+        "no row twice"
+    );
+    assert_eq!(a + b + rest, 300);
+    let unsent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(unsent, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
+    if service_url(POSTGRES).is_none() {
+        return;
+    }
+    let test_db = PgTestDatabase::create().await;
+    let (database, pool) = migrated(&test_db).await;
+    create_users(&pool, 0..1).await;
+
+    let bus = Arc::new(RecordingBus::default());
+    // A poll far beyond the deadline: only NOTIFY can wake it in time.
+    let relay = Arc::new(OutboxRelay::new(
+        database,
+        bus.clone(),
+        OutboxSignal::default(),
+        100,
+        Duration::from_secs(600),
+    ));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run(shutdown).await }
+    });
+    let wait_for = async |n: usize| {
+        let started = Instant::now();
+        while bus.ids().len() < n {
+            assert!(started.elapsed() < DEADLINE, "relay not woken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        started.elapsed()
+    };
+    wait_for(1).await;
+    // Written through another pool, as another process would: no in-process signal.
+    create_users(&pool, 1..2).await;
+    let took = wait_for(2).await;
+    assert!(took < Duration::from_secs(5), "woken after {took:?}");
+    shutdown.cancel();
+    running.await.unwrap();
+    pool.close().await;
+}
