@@ -99,7 +99,7 @@ impl Application {
             Database::Postgres(pool) => Arc::new(PgUserRepository::new(pool.clone())),
         };
         let users = Users::new(repository, signal.clone(), cache.clone());
-        let enrichment = Enrichment::new(store, cache);
+        let enrichment = Enrichment::new(store, cache.clone());
         let relay = Arc::new(OutboxRelay::new(
             database,
             bus.event_bus(),
@@ -119,6 +119,7 @@ impl Application {
                 users: users.clone(),
                 enrichment: enrichment.clone(),
                 bus: bus.event_bus(),
+                cache,
             },
             serve_api: roles.api,
         };

@@ -10,6 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::bus::EventBus;
+use crate::cache::Cache;
 use crate::enrichment::Enrichment;
 use crate::users::Users;
 
@@ -26,6 +27,8 @@ pub struct Readiness {
     pub users: Users,
     pub enrichment: Enrichment,
     pub bus: Arc<dyn EventBus>,
+    /// Reported, but not required: without it reads go to the stores.
+    pub cache: Arc<dyn Cache>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -64,11 +67,12 @@ pub struct DependencyCheck {
     "checks": {
         "database": {"status": "up", "latency_ms": 0.4},
         "documents": {"status": "up", "latency_ms": 0.3},
-        "bus": {"status": "up", "latency_ms": 0.3}
+        "bus": {"status": "up", "latency_ms": 0.3},
+        "cache": {"status": "up", "latency_ms": 0.1}
     }
 }))]
 pub struct ReadinessResponse {
-    /// `ok` when every dependency is up, else `unavailable`.
+    /// `ok` when every required dependency is up, else `unavailable`.
     pub status: &'static str,
     pub checks: BTreeMap<&'static str, DependencyCheck>,
 }
@@ -96,29 +100,34 @@ where
     }
 }
 
-/// Readiness: every dependency answers. 503 when one does not.
+/// Readiness: every required dependency answers (`database`, `documents`, `bus`); 503
+/// when one does not. `cache` is reported but not required.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = ReadinessResponse),
         (status = 503, description = "A dependency is down", body = ReadinessResponse),
     ))]
 pub async fn ready(deps: web::Data<Readiness>) -> HttpResponse {
-    let (database, documents, bus) = tokio::join!(
+    let (database, documents, bus, cache) = tokio::join!(
         check(deps.users.ping()),
         check(deps.enrichment.ping()),
         check(deps.bus.ping()),
+        check(deps.cache.ping()),
     );
+    let required_up = [&database, &documents, &bus]
+        .iter()
+        .all(|c| c.error.is_none());
     let checks = BTreeMap::from([
         ("database", database),
         ("documents", documents),
         ("bus", bus),
+        ("cache", cache),
     ]);
-    let all_up = checks.values().all(|c| c.error.is_none());
     let body = ReadinessResponse {
-        status: if all_up { "ok" } else { "unavailable" },
+        status: if required_up { "ok" } else { "unavailable" },
         checks,
     };
-    if all_up {
+    if required_up {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -399,3 +399,36 @@ async fn dead_letters_are_paged_with_a_link() {
     let response = app.get("/admin/dead-letters?limit=0").await;
     assert_problem(response, StatusCode::BAD_REQUEST).await;
 }
+
+#[tokio::test]
+async fn an_api_relay_process_and_a_worker_process_form_a_working_system() {
+    let front = spawn(Spawn {
+        roles: Roles {
+            api: true,
+            relay: true,
+            worker: false,
+        },
+        ..Spawn::default()
+    })
+    .await;
+    let worker = spawn(Spawn {
+        roles: Roles {
+            api: false,
+            relay: false,
+            worker: true,
+        },
+        storage: Some(front.storage.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    // The worker process serves operations routes only.
+    assert_eq!(worker.get("/health").await.status(), StatusCode::OK);
+    assert_problem(worker.get("/api/users").await, StatusCode::NOT_FOUND).await;
+
+    let user = front.create_user("Ada Lovelace", "ada@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    let enriched = front.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    assert_eq!(enriched["github"], "github.com/adalovelace");
+    worker.stop().await;
+    front.stop().await;
+}

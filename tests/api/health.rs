@@ -24,7 +24,7 @@ async fn readiness_checks_each_dependency() {
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "ok");
-    for dependency in ["database", "documents", "bus"] {
+    for dependency in ["database", "documents", "bus", "cache"] {
         assert_eq!(body["checks"][dependency]["status"], "up", "{body}");
         assert!(body["checks"][dependency]["latency_ms"].is_number());
     }
