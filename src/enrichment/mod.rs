@@ -2,6 +2,7 @@
 //! it. Knows nothing of the users module beyond the event contract.
 
 mod domain;
+mod mongo_store;
 pub(crate) mod routes;
 mod store;
 mod worker;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use domain::{EnrichedProfile, EnrichmentStatus, handle_for, slug};
+pub use mongo_store::MongoProfileStore;
 pub use routes::{EnrichedProfileResponse, configure};
 pub use store::{ProfileStore, SqliteProfileStore, StoreError};
 pub use worker::UserCreatedHandler;

@@ -1,5 +1,6 @@
-//! API and integration tests: every test spawns the real application on port 0 with a
-//! fresh temporary SQLite database (see helpers.rs).
+//! API and integration tests: every API test spawns the real application on port 0 with
+//! a fresh temporary SQLite database (see helpers.rs); the production adapters are tested
+//! against the services that scripts/test-services.sh provides (see services.rs).
 
 mod architecture;
 mod cache;
@@ -8,6 +9,7 @@ mod enrichment;
 mod errors;
 mod health;
 mod helpers;
+mod mongo_store;
 mod postgres;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
