@@ -8,6 +8,7 @@ mod enrichment;
 mod errors;
 mod health;
 mod helpers;
+mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
 mod users;
