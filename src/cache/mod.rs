@@ -2,6 +2,7 @@
 //! an error: callers get a miss and carry on.
 
 mod memory;
+mod redis_cache;
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use memory::MemoryCache;
+pub use redis_cache::{CacheStats, RedisCache};
 
 /// Bump when the shape of a cached value changes, so old entries are simply missed.
 pub const KEY_VERSION: &str = "v1";
