@@ -50,11 +50,14 @@ pub struct CacheSettings {
     pub url: SecretString,
     pub ttl_secs: u64,
     pub max_entries: u64,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BusSettings {
     pub url: SecretString,
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,10 +11,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{DeliveryPolicy, EventBus, InProcessBus};
-use crate::cache::{Cache, CachePolicy, MemoryCache};
+use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
-use crate::enrichment::{self, Enrichment, ProfileStore, SqliteProfileStore};
+use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
 use crate::http::{self, HttpState, Readiness};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
@@ -259,25 +259,46 @@ pub async fn open_bus(settings: &Settings, database: &Database) -> anyhow::Resul
     ))))
 }
 
+/// Opens `cache.url`: `memory://` (moka) or `redis://` (never required: a Redis that is
+/// down degrades to the stores).
 fn open_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>> {
-    require_scheme("cache.url", &scheme_of(&settings.cache.url), &["memory"])?;
-    Ok(Arc::new(MemoryCache::new(CachePolicy {
-        ttl: Duration::from_secs(settings.cache.ttl_secs),
-        max_entries: settings.cache.max_entries,
-    })))
+    let cache = &settings.cache;
+    let policy = CachePolicy {
+        ttl: Duration::from_secs(cache.ttl_secs),
+        max_entries: cache.max_entries,
+    };
+    match scheme_of(&cache.url).as_str() {
+        "redis" | "rediss" => Ok(Arc::new(
+            RedisCache::connect(
+                cache.url.expose_secret(),
+                policy,
+                &cache.key_prefix,
+                Duration::from_millis(cache.timeout_ms),
+            )
+            .context("cannot configure cache.url")?,
+        )),
+        scheme => {
+            require_scheme("cache.url", scheme, &["memory", "redis"])?;
+            Ok(Arc::new(MemoryCache::new(policy)))
+        }
+    }
 }
 
-/// Opens `documents.url`, sharing the database pool when both name the same SQLite file.
+/// Opens `documents.url`: `mongodb://` or `sqlite://` (sharing the database pool when
+/// both name the same SQLite file).
 async fn open_documents(
     settings: &Settings,
     database: &Database,
 ) -> anyhow::Result<Arc<dyn ProfileStore>> {
     let url = settings.documents.url.expose_secret();
-    require_scheme(
-        "documents.url",
-        &scheme_of(&settings.documents.url),
-        &["sqlite"],
-    )?;
+    let scheme = scheme_of(&settings.documents.url);
+    if scheme == "mongodb" || scheme == "mongodb+srv" {
+        let store = MongoProfileStore::connect(url)
+            .await
+            .context("cannot open documents.url")?;
+        return Ok(Arc::new(store));
+    }
+    require_scheme("documents.url", &scheme, &["sqlite", "mongodb"])?;
     let pool = match database {
         Database::Sqlite(pool) if url == settings.database.url.expose_secret() => pool.clone(),
         _ => {

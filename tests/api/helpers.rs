@@ -50,7 +50,8 @@ pub struct TestApp {
 }
 
 /// Which backends the app under test uses: the embedded ones by default;
-/// `USERHUB_TEST_BACKENDS=services` runs the same tests against PostgreSQL.
+/// `USERHUB_TEST_BACKENDS=services` runs the same tests against PostgreSQL (users,
+/// outbox and the database-backed bus), MongoDB (profiles) and Redis (cache).
 fn use_services() -> bool {
     std::env::var("USERHUB_TEST_BACKENDS").is_ok_and(|v| v == "services")
 }
@@ -61,17 +62,39 @@ fn use_services() -> bool {
 pub struct Storage {
     pub dir: Arc<TempDir>,
     pub postgres: Option<Arc<PgTestDatabase>>,
+    pub mongo: Option<Arc<MongoTestDatabase>>,
+    pub redis: Option<Arc<RedisTestPrefix>>,
 }
 
 impl Storage {
     async fn new() -> Self {
-        let postgres = match use_services() {
-            true => Some(Arc::new(PgTestDatabase::create().await)),
-            false => None,
-        };
+        let dir = Arc::new(TempDir::new().expect("temporary folder"));
+        if !use_services() {
+            return Self {
+                dir,
+                postgres: None,
+                mongo: None,
+                redis: None,
+            };
+        }
         Self {
-            dir: Arc::new(TempDir::new().expect("temporary folder")),
-            postgres,
+            dir,
+            postgres: Some(Arc::new(PgTestDatabase::create().await)),
+            mongo: Some(Arc::new(MongoTestDatabase::new())),
+            redis: Some(Arc::new(RedisTestPrefix::new())),
+        }
+    }
+
+    /// Points the settings at this storage.
+    fn configure(&self, settings: &mut Settings) {
+        settings.database.url = self.database_url().into();
+        settings.documents.url = match &self.mongo {
+            Some(mongo) => mongo.url.clone().into(),
+            None => self.sqlite_url().into(),
+        };
+        if let Some(redis) = &self.redis {
+            settings.cache.url = redis.url.clone().into();
+            settings.cache.key_prefix = redis.prefix.clone();
         }
     }
 
@@ -120,25 +143,90 @@ impl PgTestDatabase {
 impl Drop for PgTestDatabase {
     fn drop(&mut self) {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs outside async code: use a runtime of its own on a plain thread.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut admin)
-                .await?;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}", self.name);
+        block_on_cleanup(&self.name, async move {
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await?;
+            Ok(())
+        });
+    }
+}
+
+/// Runs `cleanup` to completion from a `Drop`, on a thread with a runtime of its own.
+fn block_on_cleanup<F>(what: &str, cleanup: F)
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let outcome = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(cleanup)
+    })
+    .join();
+    if !matches!(outcome, Ok(Ok(()))) {
+        eprintln!("could not clean up {what}");
+    }
+}
+
+/// A MongoDB database for one test, dropped afterwards.
+pub struct MongoTestDatabase {
+    pub url: String,
+    name: String,
+    base: String,
+}
+
+impl MongoTestDatabase {
+    fn new() -> Self {
+        let base = crate::services::service_url(crate::services::MONGO)
+            .expect("USERHUB_TEST_BACKENDS=services needs USERHUB_TEST_MONGO_URL");
+        let name = crate::services::unique_name("userhub_test");
+        Self {
+            url: crate::services::mongo_url_with_database(&base, &name),
+            name,
+            base,
         }
+    }
+}
+
+impl Drop for MongoTestDatabase {
+    fn drop(&mut self) {
+        let (base, name) = (self.base.clone(), self.name.clone());
+        block_on_cleanup(&self.name, async move {
+            let client = mongodb::Client::with_uri_str(&base).await?;
+            client.database(&name).drop().await?;
+            Ok(())
+        });
+    }
+}
+
+/// A Redis key prefix for one test; its keys are deleted afterwards.
+pub struct RedisTestPrefix {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl RedisTestPrefix {
+    fn new() -> Self {
+        Self {
+            url: crate::services::service_url(crate::services::REDIS)
+                .expect("USERHUB_TEST_BACKENDS=services needs USERHUB_TEST_REDIS_URL"),
+            prefix: format!("{}:", crate::services::unique_name("userhub_test")),
+        }
+    }
+}
+
+impl Drop for RedisTestPrefix {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        block_on_cleanup(&self.prefix, async move {
+            let mut connection = crate::redis_cache::raw_connection(&url).await;
+            crate::redis_cache::delete_prefixed(&mut connection, &prefix).await;
+            Ok(())
+        });
     }
 }
 
@@ -190,8 +278,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
     };
     let mut settings = Settings::load_for("test").expect("test settings load");
     settings.server.port = 0;
-    settings.database.url = storage.database_url().into();
-    settings.documents.url = storage.sqlite_url().into();
+    storage.configure(&mut settings);
     (options.configure)(&mut settings);
 
     let overrides = Overrides {

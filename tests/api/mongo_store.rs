@@ -23,7 +23,7 @@ impl TestDatabase {
     async fn create() -> Option<Self> {
         let base = services::service_url(services::MONGO)?;
         let name = services::unique_name("userhub_test");
-        let url = with_database(&base, &name);
+        let url = services::mongo_url_with_database(&base, &name);
         let store = MongoProfileStore::connect(&url)
             .await
             .expect("the store connects");
@@ -68,35 +68,20 @@ impl TestDatabase {
     }
 }
 
-/// `base` with its path (the database) replaced by `/database`, query kept.
-fn with_database(base: &str, database: &str) -> String {
-    let (address, query) = match base.split_once('?') {
-        Some((address, query)) => (address, Some(query)),
-        None => (base, None),
-    };
-    let hosts_start = address.find("://").map_or(0, |i| i + 3);
-    let hosts_end = address[hosts_start..]
-        .find('/')
-        .map_or(address.len(), |i| hosts_start + i);
-    let mut url = format!("{}/{database}", &address[..hosts_end]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    url
-}
-
 #[test]
-fn with_database_replaces_only_the_path() {
+fn mongo_url_with_database_replaces_only_the_path() {
     assert_eq!(
-        with_database("mongodb://127.0.0.1:27017/?directConnection=true", "t1"),
+        services::mongo_url_with_database("mongodb://127.0.0.1:27017/?directConnection=true", "t1"),
         "mongodb://127.0.0.1:27017/t1?directConnection=true"
     );
     assert_eq!(
-        with_database("mongodb://u:p@h1,h2/other", "t1"),
+        services::mongo_url_with_database("mongodb://u:p@h1,h2/other", "t1"),
         "mongodb://u:p@h1,h2/t1"
     );
-    assert_eq!(with_database("mongodb://h:1", "t1"), "mongodb://h:1/t1");
+    assert_eq!(
+        services::mongo_url_with_database("mongodb://h:1", "t1"),
+        "mongodb://h:1/t1"
+    );
 }
 
 fn profile(name: &str) -> EnrichedProfile {

@@ -49,7 +49,7 @@ async fn within_deadline<T>(future: impl Future<Output = T>) -> T {
 }
 
 /// A direct connection to the test Redis, to look behind the adapter's back.
-async fn raw_connection(url: &str) -> MultiplexedConnection {
+pub(crate) async fn raw_connection(url: &str) -> MultiplexedConnection {
     let client = redis::Client::open(url).expect("a valid Redis URL");
     within_deadline(client.get_multiplexed_async_connection())
         .await
@@ -63,7 +63,7 @@ async fn raw<T: FromRedisValue>(connection: &mut MultiplexedConnection, cmd: &re
 }
 
 /// Deletes every key under `prefix` (SCAN MATCH prefix* + DEL); returns how many.
-async fn delete_prefixed(connection: &mut MultiplexedConnection, prefix: &str) -> usize {
+pub(crate) async fn delete_prefixed(connection: &mut MultiplexedConnection, prefix: &str) -> usize {
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {

@@ -27,3 +27,21 @@ pub fn service_url(var: &str) -> Option<String> {
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
+
+/// `base` with its path (the database) replaced by `/database`, query kept.
+pub fn mongo_url_with_database(base: &str, database: &str) -> String {
+    let (address, query) = match base.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (base, None),
+    };
+    let hosts_start = address.find("://").map_or(0, |i| i + 3);
+    let hosts_end = address[hosts_start..]
+        .find('/')
+        .map_or(address.len(), |i| hosts_start + i);
+    let mut url = format!("{}/{database}", &address[..hosts_end]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
