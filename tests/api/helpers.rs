@@ -26,6 +26,11 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
     }
 });
 
+/// Sets up logging once per test binary (see [`TRACING`]).
+pub fn init_tracing() {
+    LazyLock::force(&TRACING);
+}
+
 /// How long asynchronous effects may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -87,7 +92,7 @@ pub fn database_url(dir: &TempDir) -> String {
 }
 
 pub async fn spawn(options: Spawn) -> TestApp {
-    LazyLock::force(&TRACING);
+    init_tracing();
     let dir = options
         .dir
         .unwrap_or_else(|| Arc::new(TempDir::new().expect("temporary folder")));

@@ -8,6 +8,7 @@ mod enrichment;
 mod errors;
 mod health;
 mod helpers;
+mod rabbitmq_bus;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
 mod users;
