@@ -493,7 +493,8 @@ impl RabbitBus {
     }
 
     /// Deletes every queue and exchange of this bus's topology, messages included.
-    /// For tests and decommissioning; a running bus re-declares them on reconnect.
+    /// For tests and decommissioning. Stop the consumers first: a consumer re-declares
+    /// its queues when it restarts, and the bus re-declares everything on reconnect.
     pub async fn delete_topology(&self) -> Result<(), BusError> {
         let link = self.shared.current()?;
         let channel = io("opening a channel", link.connection.create_channel()).await?;

@@ -35,10 +35,57 @@ fn policy() -> DeliveryPolicy {
 }
 
 /// A broker URL and a prefix of our own, or `None` when the test is skipped.
-fn broker() -> Option<(String, String)> {
+fn broker() -> Option<(String, String, Cleanup)> {
     init_tracing();
     let url = services::service_url(AMQP)?;
-    Some((url, format!("{}.", services::unique_name("rabbit"))))
+    let prefix = format!("{}.", services::unique_name("rabbit"));
+    let cleanup = Cleanup {
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
+    Some((url, prefix, cleanup))
+}
+
+/// Deletes the test's topology when the test fails halfway; a passing test deletes
+/// it itself ([`remove`]), so the broker is left as it was either way.
+struct Cleanup {
+    url: String,
+    prefix: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        // The test's runtime is unwinding: clean up from a runtime of our own.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let bus = RabbitBus::connect(&url, &prefix, vec![BINDING], policy())
+                    .await
+                    .ok()?;
+                let started = Instant::now();
+                while bus.ping().await.is_err() && started.elapsed() < DEADLINE {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let deleted = bus.delete_topology().await.ok();
+                bus.close().await;
+                deleted
+            })
+        })
+        .join();
+        if !matches!(cleaned, Ok(Some(()))) {
+            eprintln!(
+                "could not delete the RabbitMQ topology under {}",
+                self.prefix
+            );
+        }
+    }
 }
 
 async fn connected_bus(url: &str, prefix: &str) -> Arc<RabbitBus> {
@@ -207,7 +254,7 @@ fn text(value: Option<&AMQPValue>) -> String {
 
 #[tokio::test]
 async fn a_published_envelope_is_delivered_unchanged_and_acknowledged() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let bus = connected_bus(&url, &prefix).await;
@@ -233,7 +280,7 @@ async fn a_published_envelope_is_delivered_unchanged_and_acknowledged() {
 
 #[tokio::test]
 async fn transient_failures_are_retried_through_the_ttl_queues_then_acknowledged() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let bus = connected_bus(&url, &prefix).await;
@@ -276,7 +323,7 @@ async fn transient_failures_are_retried_through_the_ttl_queues_then_acknowledged
 
 #[tokio::test]
 async fn a_message_that_keeps_failing_is_dead_lettered_listed_and_replayed() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let bus = connected_bus(&url, &prefix).await;
@@ -383,7 +430,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_listed_and_replayed() {
 
 #[tokio::test]
 async fn poison_goes_straight_to_the_dead_letters_without_blocking_later_messages() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let bus = connected_bus(&url, &prefix).await;
@@ -445,7 +492,7 @@ async fn poison_goes_straight_to_the_dead_letters_without_blocking_later_message
 
 #[tokio::test]
 async fn declaring_the_same_topology_twice_is_harmless() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let publisher = connected_bus(&url, &prefix).await;
@@ -466,7 +513,7 @@ async fn declaring_the_same_topology_twice_is_harmless() {
 
 #[tokio::test]
 async fn consuming_and_publishing_resume_after_the_connection_is_lost() {
-    let Some((url, prefix)) = broker() else {
+    let Some((url, prefix, _cleanup)) = broker() else {
         return;
     };
     let proxy = Proxy::start(&url).await;
