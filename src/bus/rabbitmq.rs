@@ -715,6 +715,48 @@ impl RabbitBus {
         Ok(Outcome::DeadLettered { attempt })
     }
 
+    /// Puts a dead letter back onto the queue it failed on (not onto every binding of
+    /// its routing key) as a fresh message: attempts and error are gone.
+    async fn replay_one(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<(), BusError> {
+        let mut table = copy_headers(&delivery.properties);
+        for key in [
+            transport::ATTEMPTS,
+            transport::ERROR,
+            transport::ORIGINAL_QUEUE,
+            transport::DEAD_AT,
+        ] {
+            table = without(table, key);
+        }
+        table.insert(
+            transport::ORIGINAL_ROUTING_KEY.into(),
+            string_value(&letter.routing_key),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(table);
+        self.shared
+            .publish_confirmed(
+                link,
+                &ShortString::from(""),
+                queue.work.clone(),
+                &delivery.data,
+                properties,
+                true,
+            )
+            .await?;
+        ack(delivery).await?;
+        tracing::info!(dead_letter = %letter.id, queue = %queue.work, "dead letter replayed");
+        Ok(())
+    }
+
     /// Starts a walk over the dead-letter queues on a channel of its own.
     async fn scan_dead_letters(&self) -> Result<DeadLetterScan<'_>, BusError> {
         let link = self.shared.current()?;
@@ -1102,50 +1144,6 @@ impl EventBus for RabbitBus {
         .await;
         scan.finish().await;
         result
-    }
-}
-
-impl RabbitBus {
-    /// Puts a dead letter back onto the queue it failed on (not onto every binding of
-    /// its routing key) as a fresh message: attempts and error are gone.
-    async fn replay_one(
-        &self,
-        link: &Link,
-        queue: &QueueTopology,
-        delivery: &Delivery,
-        letter: &DeadLetter,
-    ) -> Result<(), BusError> {
-        let mut table = copy_headers(&delivery.properties);
-        for key in [
-            transport::ATTEMPTS,
-            transport::ERROR,
-            transport::ORIGINAL_QUEUE,
-            transport::DEAD_AT,
-        ] {
-            table = without(table, key);
-        }
-        table.insert(
-            transport::ORIGINAL_ROUTING_KEY.into(),
-            string_value(&letter.routing_key),
-        );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_delivery_mode(PERSISTENT)
-            .with_headers(table);
-        self.shared
-            .publish_confirmed(
-                link,
-                &ShortString::from(""),
-                queue.work.clone(),
-                &delivery.data,
-                properties,
-                true,
-            )
-            .await?;
-        ack(delivery).await?;
-        tracing::info!(dead_letter = %letter.id, queue = %queue.work, "dead letter replayed");
-        Ok(())
     }
 }
 
