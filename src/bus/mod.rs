@@ -1,6 +1,7 @@
 //! Event bus port: envelopes, publishers, consumers and dead letters.
 
 mod in_process;
+mod rabbitmq;
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use in_process::InProcessBus;
+pub use rabbitmq::RabbitBus;
 
 /// Header names carried by every envelope.
 pub mod headers {

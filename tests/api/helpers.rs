@@ -28,6 +28,11 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
     }
 });
 
+/// Sets up logging once per test binary (see [`TRACING`]).
+pub fn init_tracing() {
+    LazyLock::force(&TRACING);
+}
+
 /// How long asynchronous effects may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -271,7 +276,7 @@ pub async fn spawn_running_app() -> TestApp {
 }
 
 pub async fn spawn(options: Spawn) -> TestApp {
-    LazyLock::force(&TRACING);
+    init_tracing();
     let storage = match options.storage {
         Some(storage) => storage,
         None => Storage::new().await,

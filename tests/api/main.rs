@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod mongo_store;
 mod postgres;
+mod rabbitmq_bus;
 mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
