@@ -3,8 +3,10 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::time::Duration;
 use userhub::config::Settings;
-use userhub::startup::{Application, Roles, open_bus, open_database};
+
+use userhub::startup::{Application, Bus, Roles, open_bus, open_database};
 use userhub::telemetry;
 
 /// userhub: a user registry with asynchronous profile enrichment.
@@ -93,7 +95,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dlq { command } => {
             let database = open_database(&settings).await?;
-            let bus = open_bus(&settings, &database).await?.event_bus();
+            let bus = open_bus(&settings, &database).await?;
+            if let Bus::RabbitMq(rabbit) = &bus {
+                rabbit.wait_until_connected(Duration::from_secs(10)).await?;
+            }
+            let bus = bus.event_bus();
             match command {
                 DlqCommand::List { limit, after } => {
                     for letter in bus.dead_letters(limit, after.as_deref()).await? {

@@ -10,7 +10,7 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{DeliveryPolicy, EventBus, InProcessBus};
+use crate::bus::{DeliveryPolicy, EventBus, InProcessBus, RabbitBus};
 use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
@@ -65,12 +65,21 @@ pub struct Application {
 #[derive(Clone)]
 pub enum Bus {
     InProcess(Arc<InProcessBus>),
+    RabbitMq(Arc<RabbitBus>),
 }
 
 impl Bus {
     pub fn event_bus(&self) -> Arc<dyn EventBus> {
         match self {
             Self::InProcess(bus) => bus.clone(),
+            Self::RabbitMq(bus) => bus.clone(),
+        }
+    }
+
+    /// Releases broker connections (the in-process bus holds none of its own).
+    pub async fn close(&self) {
+        if let Self::RabbitMq(bus) = self {
+            bus.close().await;
         }
     }
 }
@@ -173,6 +182,7 @@ impl Application {
     pub fn in_process_bus(&self) -> Option<Arc<InProcessBus>> {
         match &self.bus {
             Bus::InProcess(bus) => Some(bus.clone()),
+            Bus::RabbitMq(_) => None,
         }
     }
 
@@ -209,6 +219,7 @@ impl Application {
         while let Some(joined) = workers.join_next().await {
             joined.context("a background worker panicked")?;
         }
+        self.bus.close().await;
         server_result.context("the HTTP server panicked")??;
         tracing::info!("userhub stopped");
         Ok(())
@@ -247,16 +258,33 @@ fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
     }
 }
 
-/// Opens `bus.url`: `memory://` is the in-process bus, a durable queue in `database.url`.
+/// Opens `bus.url`: `memory://` is the in-process bus, a durable queue in
+/// `database.url`; `amqp://` is RabbitMQ (connected in the background, so a broker that
+/// is down delays delivery instead of stopping the start).
 pub async fn open_bus(settings: &Settings, database: &Database) -> anyhow::Result<Bus> {
     let policy = delivery_policy(settings);
-    let scheme = scheme_of(&settings.bus.url);
-    require_scheme("bus.url", &scheme, &["memory"])?;
-    Ok(Bus::InProcess(Arc::new(InProcessBus::new(
-        database.clone(),
-        vec![enrichment::BINDING],
-        policy,
-    ))))
+    let bindings = vec![enrichment::BINDING];
+    match scheme_of(&settings.bus.url).as_str() {
+        "amqp" | "amqps" => {
+            let bus = RabbitBus::connect(
+                settings.bus.url.expose_secret(),
+                &settings.bus.prefix,
+                bindings,
+                policy,
+            )
+            .await
+            .context("cannot configure bus.url")?;
+            Ok(Bus::RabbitMq(Arc::new(bus)))
+        }
+        scheme => {
+            require_scheme("bus.url", scheme, &["memory", "amqp"])?;
+            Ok(Bus::InProcess(Arc::new(InProcessBus::new(
+                database.clone(),
+                bindings,
+                policy,
+            ))))
+        }
+    }
 }
 
 /// Opens `cache.url`: `memory://` (moka) or `redis://` (never required: a Redis that is

@@ -476,6 +476,20 @@ impl RabbitBus {
         })
     }
 
+    /// Waits until the broker is connected and the topology declared, at most `timeout`
+    /// (for one-shot commands such as `userhub dlq`, which cannot wait for a retry).
+    pub async fn wait_until_connected(&self, timeout: Duration) -> Result<(), BusError> {
+        let mut link = self.shared.link.subscribe();
+        tokio::time::timeout(
+            timeout,
+            link.wait_for(|l| l.as_ref().is_some_and(|l| l.is_open())),
+        )
+        .await
+        .map_err(|_| unavailable(format!("not connected to RabbitMQ within {timeout:?}")))?
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
     /// Stops the connection task and every consumer of this bus, and closes the
     /// connection. Dropping the bus does the same without waiting.
     pub async fn close(&self) {
