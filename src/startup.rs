@@ -245,7 +245,8 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     Ok(database)
 }
 
-fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
+/// The retry policy of every consumer, from `worker.*`.
+pub fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
     let worker = &settings.worker;
     DeliveryPolicy {
         max_attempts: worker.max_attempts.max(1),

@@ -17,7 +17,7 @@ async fn next_outcome(app: &TestApp) -> Outcome {
     let started = Instant::now();
     loop {
         if let Some(outcome) = app
-            .bus
+            .bus()
             .process_next(&BINDING, app.handler.as_ref())
             .await
             .unwrap()
@@ -86,7 +86,7 @@ async fn transient_failures_are_retried_on_the_backoff_schedule_then_succeed() {
     let uuid = user["uuid"].as_str().unwrap();
     let enriched = app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(enriched["github"], "github.com/adalovelace");
-    assert!(app.bus.dead_letters(10, None).await.unwrap().is_empty());
+    assert!(app.bus().dead_letters(10, None).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -109,9 +109,9 @@ async fn a_store_that_keeps_failing_leads_to_a_dead_letter_and_a_failed_profile(
         next_outcome(&app).await,
         Outcome::DeadLettered { attempt: 3 }
     );
-    assert_eq!(app.bus.pending(BINDING.queue).await.unwrap(), 0);
+    assert_eq!(app.bus().pending(BINDING.queue).await.unwrap(), 0);
 
-    let dead = app.bus.dead_letters(10, None).await.unwrap();
+    let dead = app.bus().dead_letters(10, None).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].queue, BINDING.queue);
@@ -140,7 +140,7 @@ async fn a_store_that_keeps_failing_leads_to_a_dead_letter_and_a_failed_profile(
 async fn an_unparseable_message_is_dead_lettered_at_once_without_blocking_others() {
     let app = spawn_app().await;
     let poison = Envelope::new("user.created", "{not json".into(), Default::default());
-    app.bus.publish(&poison).await.unwrap();
+    app.bus().publish(&poison).await.unwrap();
     let user = app.create_user("Alan Turing", "alan@example.com").await;
 
     let outcomes = app.deliver_all().await;
@@ -148,7 +148,7 @@ async fn an_unparseable_message_is_dead_lettered_at_once_without_blocking_others
         outcomes,
         [Outcome::DeadLettered { attempt: 1 }, Outcome::Acked]
     );
-    let dead = app.bus.dead_letters(10, None).await.unwrap();
+    let dead = app.bus().dead_letters(10, None).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message_id, poison.id);
     assert!(dead[0].error.contains("malformed"), "{}", dead[0].error);
@@ -169,7 +169,7 @@ async fn an_unknown_event_version_is_dead_lettered_not_retried() {
     future
         .headers
         .insert(headers::EVENT_VERSION.into(), "99".into());
-    app.bus.publish(&future).await.unwrap();
+    app.bus().publish(&future).await.unwrap();
     let outcomes = app.deliver_all().await;
     assert!(
         outcomes.contains(&Outcome::DeadLettered { attempt: 1 }),
@@ -195,10 +195,10 @@ async fn redelivery_of_an_event_is_harmless() {
     // The relay crashed after publishing but before marking the row sent: the same
     // event (same id) is published again — twice, even.
     let envelope = outbox_envelope(&app).await;
-    app.bus.publish(&envelope).await.unwrap();
-    app.bus.publish(&envelope).await.unwrap();
+    app.bus().publish(&envelope).await.unwrap();
+    app.bus().publish(&envelope).await.unwrap();
     assert_eq!(
-        app.bus.pending(BINDING.queue).await.unwrap(),
+        app.bus().pending(BINDING.queue).await.unwrap(),
         1,
         "queued once per id"
     );
@@ -316,7 +316,7 @@ async fn many_users_created_concurrently_are_each_enriched_once() {
         app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
     }
     assert_eq!(app.outbox_unsent().await, 0);
-    assert_eq!(app.bus.pending(BINDING.queue).await.unwrap(), 0);
+    assert_eq!(app.bus().pending(BINDING.queue).await.unwrap(), 0);
     let sent = app.count("SELECT COUNT(*) FROM outbox").await;
     assert_eq!(sent, 40, "one event per user");
     let upserts = store.upsert_attempts.lock().unwrap().len();
@@ -376,7 +376,7 @@ async fn dead_letters_are_paged_with_a_link() {
     let app = spawn_app().await;
     for _ in 0..5 {
         let poison = Envelope::new("user.created", "not json".into(), Default::default());
-        app.bus.publish(&poison).await.unwrap();
+        app.bus().publish(&poison).await.unwrap();
     }
     app.deliver_all().await;
     let mut seen = Vec::new();

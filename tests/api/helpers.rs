@@ -47,7 +47,8 @@ pub struct TestApp {
     /// A separate connection to the test's database, for inspection.
     pub db: Database,
     pub relay: Arc<OutboxRelay>,
-    pub bus: Arc<InProcessBus>,
+    /// Set when the app uses the in-process bus (see [`TestApp::bus`]).
+    pub in_process: Option<Arc<InProcessBus>>,
     pub handler: Arc<dyn EventHandler>,
     pub storage: Storage,
     shutdown: CancellationToken,
@@ -69,6 +70,7 @@ pub struct Storage {
     pub postgres: Option<Arc<PgTestDatabase>>,
     pub mongo: Option<Arc<MongoTestDatabase>>,
     pub redis: Option<Arc<RedisTestPrefix>>,
+    pub rabbit: Option<Arc<RabbitTestPrefix>>,
 }
 
 impl Storage {
@@ -80,6 +82,7 @@ impl Storage {
                 postgres: None,
                 mongo: None,
                 redis: None,
+                rabbit: None,
             };
         }
         Self {
@@ -87,6 +90,7 @@ impl Storage {
             postgres: Some(Arc::new(PgTestDatabase::create().await)),
             mongo: Some(Arc::new(MongoTestDatabase::new())),
             redis: Some(Arc::new(RedisTestPrefix::new())),
+            rabbit: None,
         }
     }
 
@@ -185,7 +189,7 @@ pub struct MongoTestDatabase {
 }
 
 impl MongoTestDatabase {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let base = crate::services::service_url(crate::services::MONGO)
             .expect("USERHUB_TEST_BACKENDS=services needs USERHUB_TEST_MONGO_URL");
         let name = crate::services::unique_name("userhub_test");
@@ -215,7 +219,7 @@ pub struct RedisTestPrefix {
 }
 
 impl RedisTestPrefix {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             url: crate::services::service_url(crate::services::REDIS)
                 .expect("USERHUB_TEST_BACKENDS=services needs USERHUB_TEST_REDIS_URL"),
@@ -235,6 +239,38 @@ impl Drop for RedisTestPrefix {
     }
 }
 
+/// A RabbitMQ name prefix for one test; its queues and exchanges are deleted afterwards.
+pub struct RabbitTestPrefix {
+    pub prefix: String,
+}
+
+impl RabbitTestPrefix {
+    pub fn new() -> Self {
+        Self {
+            prefix: format!("{}.", crate::services::unique_name("userhub_test")),
+        }
+    }
+}
+
+impl Drop for RabbitTestPrefix {
+    fn drop(&mut self) {
+        let Some(url) = crate::services::service_url(crate::services::AMQP) else {
+            return;
+        };
+        let prefix = self.prefix.clone();
+        block_on_cleanup(&self.prefix, async move {
+            let settings = Settings::load_for("test")?;
+            let policy = userhub::startup::delivery_policy(&settings);
+            let bus =
+                userhub::bus::RabbitBus::connect(&url, &prefix, vec![BINDING], policy).await?;
+            bus.wait_until_connected(DEADLINE).await?;
+            bus.delete_topology().await?;
+            bus.close().await;
+            Ok(())
+        });
+    }
+}
+
 /// How to spawn an app.
 pub struct Spawn {
     pub roles: Roles,
@@ -242,6 +278,8 @@ pub struct Spawn {
     pub storage: Option<Storage>,
     /// Puts a store the test can break in front of the real profile store.
     pub store: Option<Arc<ControlledStore>>,
+    /// Use RabbitMQ at this URL (e.g. through a proxy) with a topology of the test's own.
+    pub amqp: Option<String>,
     pub configure: fn(&mut Settings),
 }
 
@@ -256,6 +294,7 @@ impl Default for Spawn {
             },
             storage: None,
             store: None,
+            amqp: None,
             configure: |_| {},
         }
     }
@@ -277,13 +316,20 @@ pub async fn spawn_running_app() -> TestApp {
 
 pub async fn spawn(options: Spawn) -> TestApp {
     init_tracing();
-    let storage = match options.storage {
+    let mut storage = match options.storage {
         Some(storage) => storage,
         None => Storage::new().await,
     };
+    if options.amqp.is_some() && storage.rabbit.is_none() {
+        storage.rabbit = Some(Arc::new(RabbitTestPrefix::new()));
+    }
     let mut settings = Settings::load_for("test").expect("test settings load");
     settings.server.port = 0;
     storage.configure(&mut settings);
+    if let (Some(url), Some(rabbit)) = (&options.amqp, &storage.rabbit) {
+        settings.bus.url = url.clone().into();
+        settings.bus.prefix = rabbit.prefix.clone();
+    }
     (options.configure)(&mut settings);
 
     let overrides = Overrides {
@@ -299,9 +345,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
         .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let relay = app.relay();
-    let bus = app
-        .in_process_bus()
-        .expect("the test app uses the in-process bus");
+    let in_process = app.in_process_bus();
     let handler = app.enrichment().handler();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run_until_stopped());
@@ -312,7 +356,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
         api: Api::new(address),
         db,
         relay,
-        bus,
+        in_process,
         handler,
         storage,
         shutdown,
@@ -399,12 +443,19 @@ impl std::ops::Deref for TestApp {
 }
 
 impl TestApp {
+    /// The in-process bus, for tests that drive delivery step by step.
+    pub fn bus(&self) -> &InProcessBus {
+        self.in_process
+            .as_deref()
+            .expect("this test needs the in-process bus")
+    }
+
     /// Relays the whole outbox, then delivers every due message. Returns the outcomes.
     pub async fn deliver_all(&self) -> Vec<Outcome> {
         self.relay.drain().await.expect("outbox drains");
         let mut outcomes = Vec::new();
         while let Some(outcome) = self
-            .bus
+            .bus()
             .process_next(&BINDING, self.handler.as_ref())
             .await
             .expect("bus step")

@@ -11,7 +11,9 @@ mod health;
 mod helpers;
 mod mongo_store;
 mod postgres;
+mod proxy;
 mod rabbitmq_bus;
+mod rabbitmq_system;
 mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
