@@ -17,4 +17,5 @@ mod rabbitmq_system;
 mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
+mod split;
 mod users;
