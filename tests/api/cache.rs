@@ -59,3 +59,48 @@ async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
         .unwrap();
     assert_eq!(enriched["github"], "github.com/gracehopper");
 }
+
+#[tokio::test]
+async fn a_dead_redis_changes_no_response() {
+    // A port nothing listens on: every cache call fails at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let app = spawn(Spawn {
+        configure: Box::new(move |settings| {
+            settings.cache.url = format!("redis://127.0.0.1:{port}").into();
+        }),
+        ..Spawn::default()
+    })
+    .await;
+
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    for _ in 0..3 {
+        let fetched: Value = app
+            .get(&format!("/api/users/{uuid}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(fetched, user);
+    }
+    assert_eq!(
+        app.get(&format!("/users/enriched/{uuid}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    app.deliver_all().await;
+    let enriched: Value = app
+        .get(&format!("/users/enriched/{uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(enriched["github"], "github.com/adalovelace");
+
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status(), StatusCode::OK, "the cache is not required");
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["cache"]["status"], "down");
+}

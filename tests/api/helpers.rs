@@ -280,7 +280,8 @@ pub struct Spawn {
     pub store: Option<Arc<ControlledStore>>,
     /// Use RabbitMQ at this URL (e.g. through a proxy) with a topology of the test's own.
     pub amqp: Option<String>,
-    pub configure: fn(&mut Settings),
+    /// Last word on the settings.
+    pub configure: Box<dyn FnOnce(&mut Settings) + Send>,
 }
 
 impl Default for Spawn {
@@ -295,7 +296,7 @@ impl Default for Spawn {
             storage: None,
             store: None,
             amqp: None,
-            configure: |_| {},
+            configure: Box::new(|_| {}),
         }
     }
 }
