@@ -3,6 +3,7 @@
 
 mod admin;
 mod health;
+pub mod identity;
 mod openapi;
 pub mod problem;
 mod profile_view;
