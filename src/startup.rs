@@ -94,6 +94,7 @@ impl Application {
         roles: Roles,
         overrides: Overrides,
     ) -> anyhow::Result<Self> {
+        install_crypto_provider();
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let cache = open_cache(&settings)?;
@@ -344,6 +345,12 @@ async fn open_documents(
         }
     };
     Ok(Arc::new(SqliteProfileStore::new(pool)))
+}
+
+/// Installs ring as the process-wide rustls provider (TLS serving, JWKS fetches). The
+/// crates are built without a default provider; installing twice is harmless.
+pub fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Result<()> {
