@@ -218,7 +218,7 @@ impl Consumer {
 }
 
 /// A plain lapin channel for looking behind the adapter's back.
-async fn raw_channel(url: &str) -> (Connection, Channel) {
+pub(crate) async fn raw_channel(url: &str) -> (Connection, Channel) {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("raw connection");

@@ -170,3 +170,65 @@ async fn on_rabbitmq_a_failing_store_ends_in_the_dlq_and_replay_enriches_the_use
     assert!(listed.is_empty(), "{listed:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_malformed_message_on_the_work_queue_is_dead_lettered_without_blocking_users() {
+    let Some(broker) = service_url(AMQP) else {
+        return;
+    };
+    let app = spawn(Spawn {
+        roles: Roles::ALL,
+        amqp: Some(broker.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    wait_for_status(&app, "/health/ready", StatusCode::OK, DEADLINE).await;
+    let prefix = app.storage.rabbit.as_ref().unwrap().prefix.clone();
+
+    // Published by hand with the event's routing key, bypassing the outbox: not JSON.
+    let (connection, channel) = crate::rabbitmq_bus::raw_channel(&broker).await;
+    let poison_id = uuid::Uuid::now_v7().to_string();
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{prefix}{}", userhub::enrichment::BINDING.queue)
+                .as_str()
+                .into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{\"uuid\": 42",
+            lapin::BasicProperties::default()
+                .with_message_id(poison_id.as_str().into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    let user = app.create_user("Alan Turing", "alan@example.com").await;
+    app.wait_for_ok(&format!(
+        "/users/enriched/{}",
+        user["uuid"].as_str().unwrap()
+    ))
+    .await;
+    let started = Instant::now();
+    loop {
+        let dead: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+        if let Some(letter) = dead.first() {
+            assert_eq!(letter["message_id"], poison_id);
+            assert_eq!(letter["attempts"], 1, "never retried");
+            assert!(
+                letter["error"].as_str().unwrap().contains("malformed"),
+                "{letter}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the poison message never reached the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
