@@ -190,10 +190,8 @@ async fn a_malformed_message_on_the_work_queue_is_dead_lettered_without_blocking
     let poison_id = uuid::Uuid::now_v7().to_string();
     channel
         .basic_publish(
-            "".into(),
-            format!("{prefix}{}", userhub::enrichment::BINDING.queue)
-                .as_str()
-                .into(),
+            format!("{prefix}userhub.events").as_str().into(),
+            userhub::enrichment::BINDING.routing_key.into(),
             lapin::options::BasicPublishOptions::default(),
             b"{\"uuid\": 42",
             lapin::BasicProperties::default()
