@@ -37,6 +37,14 @@ impl Database {
         }
     }
 
+    /// Open connections in the pool, and how many of them are idle.
+    pub fn pool_usage(&self) -> (u32, usize) {
+        match self {
+            Self::Sqlite(pool) => (pool.size(), pool.num_idle()),
+            Self::Postgres(pool) => (pool.size(), pool.num_idle()),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         match self {
             Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),

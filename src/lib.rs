@@ -11,6 +11,7 @@ pub mod db;
 pub mod enrichment;
 pub mod events;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod resilience;
 pub mod startup;

@@ -15,7 +15,8 @@ use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
-use crate::http::{self, HttpState, Readiness};
+use crate::http::{self, Gauges, HttpState, Readiness};
+use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
 use crate::users::{PgUserRepository, SqliteUserRepository, UserRepository, Users};
@@ -58,6 +59,7 @@ pub struct Application {
     enrichment: Enrichment,
     relay: Arc<OutboxRelay>,
     bus: Bus,
+    metrics: Arc<Metrics>,
 }
 
 /// The chosen bus adapter. Kept concrete (not only `dyn EventBus`) so tests can drive
@@ -97,7 +99,8 @@ impl Application {
         install_crypto_provider();
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
-        let cache = open_cache(&settings)?;
+        let metrics = Metrics::new().context("cannot register metrics")?;
+        let cache = MeteredCache::wrap(open_cache(&settings)?, metrics.clone());
         let mut store = open_documents(&settings, &database).await?;
         if let Some(wrap) = overrides.wrap_profile_store {
             store = wrap(store);
@@ -111,7 +114,7 @@ impl Application {
         let users = Users::new(repository, signal.clone(), cache.clone());
         let enrichment = Enrichment::new(store, cache.clone());
         let relay = Arc::new(OutboxRelay::new(
-            database,
+            database.clone(),
             bus.event_bus(),
             signal,
             settings.outbox.batch_size,
@@ -131,6 +134,11 @@ impl Application {
                 bus: bus.event_bus(),
                 cache,
             },
+            metrics: metrics.clone(),
+            gauges: Gauges {
+                relay: relay.clone(),
+                database,
+            },
             serve_api: roles.api,
         };
         let server = http::serve(listener, state, &settings.server)?;
@@ -148,6 +156,7 @@ impl Application {
             enrichment,
             relay,
             bus,
+            metrics,
         })
     }
 
@@ -200,7 +209,11 @@ impl Application {
         }
         if self.roles.worker {
             let (bus, token) = (self.bus.event_bus(), token.clone());
-            let handler = self.enrichment.handler();
+            let handler = MeteredHandler::wrap(
+                self.enrichment.handler(),
+                self.metrics.clone(),
+                enrichment::BINDING.queue,
+            );
             workers.spawn(async move { bus.consume(&enrichment::BINDING, handler, token).await });
         }
 

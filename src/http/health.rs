@@ -11,14 +11,55 @@ use utoipa::ToSchema;
 
 use crate::bus::EventBus;
 use crate::cache::Cache;
+use crate::db::Database;
 use crate::enrichment::Enrichment;
+use crate::metrics::Metrics;
+use crate::outbox::OutboxRelay;
 use crate::users::Users;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
-        .route("/health/ready", web::get().to(ready));
+        .route("/health/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// What `/metrics` reads at scrape time, besides the counters.
+#[derive(Clone)]
+pub struct Gauges {
+    pub relay: Arc<OutboxRelay>,
+    pub database: Database,
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4")))]
+pub async fn metrics(metrics: web::Data<Metrics>, gauges: web::Data<Gauges>) -> HttpResponse {
+    // A database that does not answer must not fail the scrape: keep the last value.
+    if let Ok(Ok(backlog)) = tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.backlog()).await {
+        metrics
+            .outbox_backlog
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+    }
+    let (size, idle) = gauges.database.pool_usage();
+    metrics
+        .db_connections
+        .with_label_values(&["size"])
+        .set(i64::from(size));
+    metrics
+        .db_connections
+        .with_label_values(&["idle"])
+        .set(i64::try_from(idle).unwrap_or(i64::MAX));
+    match metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(error) => {
+            tracing::error!(%error, "cannot render metrics");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
 }
 
 /// The dependencies `/health/ready` checks.

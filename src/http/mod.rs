@@ -12,15 +12,17 @@ mod request_id;
 use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-pub use health::Readiness;
+pub use health::{Gauges, Readiness};
 pub use openapi::ApiDoc;
 pub use request_id::{REQUEST_ID_HEADER, RequestId};
 
 use crate::config::ServerSettings;
 use crate::enrichment::{self, Enrichment};
+use crate::metrics::Metrics;
 use crate::users::{self, Users};
 use problem::{ApiError, ApiResult, Problem};
 
@@ -36,6 +38,8 @@ pub struct HttpState {
     pub users: Users,
     pub enrichment: Enrichment,
     pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+    pub gauges: Gauges,
     /// Serve the `/api` and `/users` routes (role `api`); otherwise only operational ones.
     pub serve_api: bool,
 }
@@ -63,6 +67,8 @@ pub fn serve(
             .app_data(query)
             .app_data(web::PayloadConfig::default().limit(body_limit))
             .app_data(web::Data::new(state.readiness.clone()))
+            .app_data(web::Data::from(state.metrics.clone()))
+            .app_data(web::Data::new(state.gauges.clone()))
             .configure(health::configure)
             .configure(openapi::configure);
         if state.serve_api {

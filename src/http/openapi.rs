@@ -25,12 +25,13 @@ use crate::{enrichment, users};
         admin::replay_dead_letter,
         health::health,
         health::ready,
+        health::metrics,
     ),
     tags(
         (name = "users", description = "Create and read users"),
         (name = "enrichment", description = "Profiles derived asynchronously from new users"),
         (name = "admin", description = "Dead letters and their replay"),
-        (name = "operations", description = "Health for orchestrators"),
+        (name = "operations", description = "Health and metrics for orchestrators"),
     )
 )]
 pub struct ApiDoc;

@@ -7,9 +7,11 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use tracing::Instrument;
 use uuid::Uuid;
+
+use crate::metrics::Metrics;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -47,8 +49,8 @@ impl FromRequest for RequestId {
     }
 }
 
-/// Middleware: one span per request carrying the request id, one log line per
-/// completed request, and the id echoed in `X-Request-Id`.
+/// Middleware: one span per request carrying the request id, one log line and one
+/// metrics observation per completed request, and the id echoed in `X-Request-Id`.
 pub async fn request_context(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -61,10 +63,18 @@ pub async fn request_context(
         path = %req.path(),
     );
     req.extensions_mut().insert(id.clone());
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let started = Instant::now();
     let mut res = next.call(req).instrument(span.clone()).await?;
     let status = res.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(metrics) = metrics {
+        // The route pattern, not the path: one series per route, not per uuid.
+        let route = res.request().match_pattern();
+        let route = route.as_deref().unwrap_or("unmatched");
+        metrics.observe_request(res.request().method().as_str(), route, status, elapsed);
+    }
+    let latency_ms = elapsed * 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "request completed"));
     if let Ok(value) = HeaderValue::from_str(id.as_str()) {
         res.headers_mut().insert(REQUEST_ID_HEADER, value);

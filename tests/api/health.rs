@@ -112,3 +112,36 @@ async fn swagger_ui_is_served_and_the_root_redirects_to_it() {
     assert_eq!(root.status(), StatusCode::FOUND);
     assert_eq!(root.headers()["location"], "/swagger-ui/");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_per_route_deliveries_cache_and_backlog() {
+    let app = crate::helpers::spawn_running_app().await;
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    app.get(&format!("/api/users/{uuid}")).await;
+    app.get(&format!("/api/users/{uuid}")).await;
+
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for expected in [
+        r#"userhub_http_requests_total{method="POST",route="/api/users",status="201"} 1"#,
+        r#"userhub_http_requests_total{method="GET",route="/api/users/{uuid}",status="200"} 2"#,
+        r#"userhub_deliveries_total{outcome="ok",queue="enrichment.user-created"} 1"#,
+        r#"userhub_cache_lookups_total{result="hit"}"#,
+        "userhub_outbox_backlog 0",
+        r#"userhub_db_connections{state="size"}"#,
+        "userhub_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+    assert!(!text.contains(uuid), "no per-uuid series");
+    app.stop().await;
+}
