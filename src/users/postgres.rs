@@ -87,7 +87,7 @@ impl UserRepository for PgUserRepository {
         Ok(row.map(User::from))
     }
 
-    #[tracing::instrument(name = "users.list", skip(self))]
+    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit))]
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {
         let rows: Vec<UserRow> = sqlx::query_as(
             "SELECT uuid, name, email, created_at, updated_at FROM users

@@ -159,7 +159,7 @@ impl UserRepository for SqliteUserRepository {
         Ok(row.map(User::from))
     }
 
-    #[tracing::instrument(name = "users.list", skip(self))]
+    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit))]
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {
         // UUIDv7 strings sort by creation time, so the uuid is the keyset. instr() on
         // the lower-cased columns is a plain substring test: no LIKE wildcards to escape.
