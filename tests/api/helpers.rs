@@ -375,6 +375,8 @@ fn inspection_settings() -> userhub::config::DatabaseSettings {
 
 impl Api {
     pub fn new(address: String) -> Self {
+        // reqwest is built without a default TLS provider, as the app is.
+        userhub::startup::install_crypto_provider();
         Self {
             address,
             client: reqwest::Client::builder()
@@ -533,6 +535,8 @@ pub struct ControlledStore {
     failing_upserts: std::sync::atomic::AtomicU32,
     down: std::sync::atomic::AtomicBool,
     pub upsert_attempts: std::sync::Mutex<Vec<Instant>>,
+    /// (user, source event) of every upsert attempted.
+    upserted_events: std::sync::Mutex<Vec<(uuid::Uuid, uuid::Uuid)>>,
 }
 
 impl ControlledStore {
@@ -542,6 +546,7 @@ impl ControlledStore {
             failing_upserts: 0.into(),
             down: false.into(),
             upsert_attempts: std::sync::Mutex::new(Vec::new()),
+            upserted_events: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -555,6 +560,17 @@ impl ControlledStore {
     pub fn fail_next_upserts(&self, n: u32) {
         self.failing_upserts
             .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The distinct source events each user's upserts came from.
+    pub fn events_by_user(
+        &self,
+    ) -> std::collections::HashMap<uuid::Uuid, std::collections::HashSet<uuid::Uuid>> {
+        let mut by_user = std::collections::HashMap::<_, std::collections::HashSet<_>>::new();
+        for (user, event) in self.upserted_events.lock().unwrap().iter() {
+            by_user.entry(*user).or_default().insert(*event);
+        }
+        by_user
     }
 
     pub fn set_down(&self, down: bool) {
@@ -577,6 +593,10 @@ use userhub::enrichment::{EnrichedProfile, StoreError};
 impl ProfileStore for ControlledStore {
     async fn upsert(&self, profile: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
         self.upsert_attempts.lock().unwrap().push(Instant::now());
+        self.upserted_events
+            .lock()
+            .unwrap()
+            .push((profile.uuid, profile.source_event_id));
         let store = self.check()?;
         let failing = self
             .failing_upserts

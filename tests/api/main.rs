@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod mongo_store;
 mod postgres;
+mod process;
 mod proxy;
 mod rabbitmq_bus;
 mod rabbitmq_system;

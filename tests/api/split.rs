@@ -17,18 +17,20 @@ use crate::services::{AMQP, MONGO, POSTGRES, REDIS, service_url};
 const USERS: usize = 200;
 
 /// A `userhub serve` child process, killed when dropped; its JSON log lines are kept.
-struct Process {
-    child: Child,
-    api: Api,
-    log: Arc<Mutex<Vec<Value>>>,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) api: Api,
+    pub(crate) log: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Process {
-    fn start(roles: &str, env: &[(&str, String)]) -> Self {
+    pub(crate) fn start(roles: &str, env: &[(&str, String)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        // Everything that can panic comes before the spawn, so no child is orphaned.
+        let api = Api::new(format!("http://127.0.0.1:{port}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_userhub"))
             .args(["serve", "--roles", roles])
             .env("APP_ENV", "test")
@@ -41,7 +43,10 @@ impl Process {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("userhub starts");
-        let stdout = child.stdout.take().expect("piped stdout");
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            panic!("the child's stdout is not piped");
+        };
         let log = Arc::new(Mutex::new(Vec::new()));
         std::thread::spawn({
             let log = log.clone();
@@ -53,14 +58,10 @@ impl Process {
                 }
             }
         });
-        Self {
-            child,
-            api: Api::new(format!("http://127.0.0.1:{port}")),
-            log,
-        }
+        Self { child, api, log }
     }
 
-    async fn wait_until_ready(&self) {
+    pub(crate) async fn wait_until_ready(&self) {
         let started = Instant::now();
         loop {
             if let Ok(response) = self
