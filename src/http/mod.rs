@@ -7,6 +7,7 @@ pub mod identity;
 mod openapi;
 pub mod problem;
 mod profile_view;
+pub mod rate_limit;
 mod request_id;
 
 use actix_web::middleware::{ErrorHandlers, from_fn};
