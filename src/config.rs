@@ -1,5 +1,6 @@
 //! Settings: embedded defaults < config/default.toml < config/$APP_ENV.toml < APP__* env.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub rate_limit: RateLimitSettings,
+    pub cors: CorsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +30,48 @@ pub struct ServerSettings {
     pub port: u16,
     pub body_limit_bytes: usize,
     pub shutdown_timeout_secs: u64,
+    /// Longest a client may take to send a request head (then 408).
+    pub client_request_timeout_ms: u64,
+    /// Idle time before a keep-alive connection is closed; 0 disables keep-alive.
+    pub keep_alive_secs: u64,
+    /// Concurrent connections each worker thread accepts.
+    pub max_connections_per_worker: usize,
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// HTTPS: served when both paths are set (an empty path counts as unset).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: Option<PathBuf>,
+}
+
+/// Per-client request quotas (see `http::rate_limit`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Sustained GET/HEAD rate per client.
+    pub read_per_minute: NonZeroU32,
+    /// GET/HEAD requests a client may send at once.
+    pub read_burst: NonZeroU32,
+    /// Sustained POST/PUT/PATCH/DELETE rate per client.
+    pub write_per_minute: NonZeroU32,
+    pub write_burst: NonZeroU32,
+    /// Most clients tracked per budget; newer clients share one budget until old ones
+    /// are evicted.
+    pub max_clients: usize,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+}
+
+/// Cross-origin access for browser clients.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CorsSettings {
+    /// Exact origins (`https://app.example.com`) allowed to call the API; empty: none.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,7 +154,11 @@ impl Settings {
                 Environment::with_prefix("APP")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // Comma-separated lists, e.g. APP__CORS__ALLOWED_ORIGINS=https://a,https://b
+                    .list_separator(",")
+                    .with_list_parse_key("cors.allowed_origins")
+                    .with_list_parse_key("rate_limit.trusted_proxies"),
             )
             .build()?
             .try_deserialize()
@@ -119,6 +168,20 @@ impl Settings {
 impl DatabaseSettings {
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
+
+impl TlsSettings {
+    /// The certificate and key paths when HTTPS is configured (both set and non-empty).
+    pub fn paths(&self) -> (Option<&PathBuf>, Option<&PathBuf>) {
+        fn set(path: &Option<PathBuf>) -> Option<&PathBuf> {
+            path.as_ref().filter(|p| !p.as_os_str().is_empty())
+        }
+        (set(&self.cert_path), set(&self.key_path))
+    }
+
+    pub fn enabled(&self) -> bool {
+        matches!(self.paths(), (Some(_), Some(_)))
     }
 }
 
@@ -151,6 +214,10 @@ mod tests {
         assert_eq!(scheme_of(&settings.database.url), "sqlite");
         assert_eq!(scheme_of(&settings.bus.url), "memory");
         assert_eq!(settings.log.format, LogFormat::Pretty);
+        assert!(settings.rate_limit.enabled);
+        assert!(settings.cors.allowed_origins.is_empty());
+        assert!(settings.rate_limit.trusted_proxies.is_empty());
+        assert!(!settings.server.tls.enabled());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
-use crate::http::{self, Gauges, HttpState, Readiness};
+use crate::http::{self, Gauges, Hardening, HttpState, Readiness};
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
@@ -97,6 +97,8 @@ impl Application {
         overrides: Overrides,
     ) -> anyhow::Result<Self> {
         install_crypto_provider();
+        // Checked before anything is opened, so a bad TLS, CORS or proxy setting fails fast.
+        let hardening = Hardening::from_settings(&settings)?;
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;
@@ -140,10 +142,16 @@ impl Application {
                 database,
             },
             serve_api: roles.api,
+            hardening,
         };
         let server = http::serve(listener, state, &settings.server)?;
+        let scheme = if settings.server.tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
         tracing::info!(
-            url = %format!("http://{}:{port}", settings.server.host),
+            url = %format!("{scheme}://{}:{port}", settings.server.host),
             ?roles,
             "userhub listening"
         );

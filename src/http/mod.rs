@@ -1,14 +1,19 @@
-//! Shared HTTP concerns: problem+json errors, request ids, health, OpenAPI, and the
-//! combined profile view composed from the two modules' read APIs.
+//! Shared HTTP concerns: problem+json errors, request ids, health, OpenAPI, rate
+//! limiting and transport hardening, and the combined profile view composed from the two
+//! modules' read APIs.
 
 mod admin;
+mod hardening;
 mod health;
 pub mod identity;
 mod openapi;
 pub mod problem;
 mod profile_view;
+pub mod rate_limit;
 mod request_id;
+mod tls;
 
+use actix_web::http::KeepAlive;
 use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use std::net::TcpListener;
@@ -16,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+pub use hardening::{API_CSP, Hardening, SWAGGER_UI_CSP, SWAGGER_UI_LOGO_STYLE};
 pub use health::{Gauges, Readiness};
 pub use openapi::ApiDoc;
 pub use request_id::{REQUEST_ID_HEADER, RequestId};
@@ -42,15 +48,18 @@ pub struct HttpState {
     pub gauges: Gauges,
     /// Serve the `/api` and `/users` routes (role `api`); otherwise only operational ones.
     pub serve_api: bool,
+    /// Rate limits, CORS, TLS (`rate_limit.*`, `cors.*`, `server.tls.*`).
+    pub hardening: Hardening,
 }
 
-/// Starts the HTTP server on `listener` (not yet awaited).
+/// Starts the HTTP server on `listener` (not yet awaited), over TLS when configured.
 pub fn serve(
     listener: TcpListener,
     state: HttpState,
     settings: &ServerSettings,
 ) -> std::io::Result<actix_web::dev::Server> {
     let body_limit = settings.body_limit_bytes;
+    let tls = state.hardening.tls().cloned();
     let server = HttpServer::new(move || {
         let json = web::JsonConfig::default()
             .limit(body_limit)
@@ -60,8 +69,21 @@ pub fn serve(
                 .detail(format!("The query string is malformed: {err}"));
             actix_web::error::InternalError::from_response(err, problem.response()).into()
         });
+        let security = state.hardening.clone();
+        let limiter = security.rate_limiter.clone();
+        // The last `.wrap` runs first. From the outside in: request log and id, security
+        // headers and problem+json for every answer, CORS (preflights end there), then
+        // authentication, then rate limiting (keyed by the authenticated subject).
         let mut app = App::new()
             .wrap(ErrorHandlers::new().default_handler(problem::problem_for_plain_errors))
+            .wrap(from_fn(move |req, next| {
+                rate_limit::limit(limiter.clone(), req, next)
+            }))
+            // (authentication wraps here: inside CORS, outside rate limiting)
+            .wrap(security.cors())
+            .wrap(from_fn(move |req, next| {
+                hardening::finish_responses(security.clone(), req, next)
+            }))
             .wrap(from_fn(request_id::request_context))
             .app_data(json)
             .app_data(query)
@@ -85,10 +107,16 @@ pub fn serve(
     })
     .disable_signals()
     .shutdown_timeout(settings.shutdown_timeout_secs)
-    .client_request_timeout(Duration::from_secs(10))
-    .listen(listener)?
-    .run();
-    Ok(server)
+    .client_request_timeout(Duration::from_millis(settings.client_request_timeout_ms))
+    .keep_alive(KeepAlive::from(Duration::from_secs(
+        settings.keep_alive_secs,
+    )))
+    .max_connections(settings.max_connections_per_worker);
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config)?,
+        None => server.listen(listener)?,
+    };
+    Ok(server.run())
 }
 
 async fn not_found() -> HttpResponse {

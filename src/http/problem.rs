@@ -191,6 +191,10 @@ pub fn problem_for_plain_errors<B: MessageBody + 'static>(
         problem = problem.detail(format!("No resource at {}", req.path()));
     } else if status == StatusCode::METHOD_NOT_ALLOWED {
         problem = problem.detail(format!("{} is not allowed on {}", req.method(), req.path()));
+    } else if let Some(error) = old.error().filter(|_| status.is_client_error()) {
+        // A framework's own client error (e.g. a refused CORS preflight) says what was
+        // wrong with the request; server errors stay undisclosed.
+        problem = problem.detail(error.to_string());
     }
     let mut new = problem.response();
     for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {

@@ -7,6 +7,7 @@ mod cache;
 mod delivery;
 mod enrichment;
 mod errors;
+mod hardening;
 mod health;
 mod helpers;
 mod mongo_store;
