@@ -15,6 +15,7 @@ use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
+use crate::http::auth::Authentication;
 use crate::http::{self, HttpState, Readiness};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
@@ -95,6 +96,8 @@ impl Application {
         overrides: Overrides,
     ) -> anyhow::Result<Self> {
         install_crypto_provider();
+        // First, so a configuration refused in production touches nothing.
+        let auth = Arc::new(Authentication::from_settings(&settings).await?);
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let cache = open_cache(&settings)?;
@@ -132,6 +135,7 @@ impl Application {
                 cache,
             },
             serve_api: roles.api,
+            auth,
         };
         let server = http::serve(listener, state, &settings.server)?;
         tracing::info!(

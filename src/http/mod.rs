@@ -1,7 +1,8 @@
-//! Shared HTTP concerns: problem+json errors, request ids, health, OpenAPI, and the
-//! combined profile view composed from the two modules' read APIs.
+//! Shared HTTP concerns: problem+json errors, request ids, authentication, health,
+//! OpenAPI, and the combined profile view composed from the two modules' read APIs.
 
 mod admin;
+pub mod auth;
 mod health;
 pub mod identity;
 mod openapi;
@@ -12,6 +13,7 @@ mod request_id;
 use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -38,6 +40,8 @@ pub struct HttpState {
     pub readiness: Readiness,
     /// Serve the `/api` and `/users` routes (role `api`); otherwise only operational ones.
     pub serve_api: bool,
+    /// Who may call the protected routes (see [`auth::required_access`]).
+    pub auth: Arc<auth::Authentication>,
 }
 
 /// Starts the HTTP server on `listener` (not yet awaited).
@@ -58,7 +62,11 @@ pub fn serve(
         });
         let mut app = App::new()
             .wrap(ErrorHandlers::new().default_handler(problem::problem_for_plain_errors))
+            // Inside the request context, so refusals carry a request id and are logged
+            // in the request's span; what needs the `Principal` goes inside this.
+            .wrap(from_fn(auth::authenticate))
             .wrap(from_fn(request_id::request_context))
+            .app_data(web::Data::from(state.auth.clone()))
             .app_data(json)
             .app_data(query)
             .app_data(web::PayloadConfig::default().limit(body_limit))

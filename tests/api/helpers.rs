@@ -5,6 +5,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use reqwest::{Response, StatusCode};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tempfile::TempDir;
@@ -39,7 +40,41 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// An HTTP client bound to one running app, with typed request helpers.
 pub struct Api {
     pub address: String,
+    /// Sends an admin token (signed with the test secret) with every request, unless the
+    /// request sets its own `Authorization`.
     pub client: reqwest::Client,
+}
+
+/// `[auth]` of `config/test.toml`.
+pub static TEST_AUTH: LazyLock<userhub::config::AuthSettings> =
+    LazyLock::new(|| Settings::load_for("test").expect("test settings load").auth);
+
+/// The claims of a test token signed with the test secret of `config/test.toml`: the
+/// test issuer and audience, valid from now for an hour. Tests adjust them as needed.
+pub fn test_claims(subject: &str, roles: &[&str]) -> Value {
+    let auth = &*TEST_AUTH;
+    let now = chrono::Utc::now().timestamp();
+    json!({
+        "sub": subject,
+        "iss": auth.issuer,
+        "aud": auth.audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "roles": roles,
+    })
+}
+
+/// Signs `claims` with HS256 and the test secret.
+pub fn hs256_token(claims: &Value) -> String {
+    let secret = TEST_AUTH.hs256_secret.expose_secret();
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("token signs")
+}
+
+/// A valid test token granting `roles`.
+pub fn token_with_roles(roles: &[&str]) -> String {
+    hs256_token(&test_claims("test-user", roles))
 }
 
 pub struct TestApp {
@@ -375,10 +410,17 @@ fn inspection_settings() -> userhub::config::DatabaseSettings {
 
 impl Api {
     pub fn new(address: String) -> Self {
+        let admin = format!("Bearer {}", token_with_roles(&["admin"]));
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&admin).expect("token header"),
+        );
         Self {
             address,
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                .default_headers(headers)
                 .build()
                 .expect("http client"),
         }
