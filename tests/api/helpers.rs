@@ -43,6 +43,8 @@ pub struct Api {
     /// Sends an admin token (signed with the test secret) with every request, unless the
     /// request sets its own `Authorization`.
     pub client: reqwest::Client,
+    /// Sends no `Authorization` header: for requests with a chosen token or none.
+    pub anonymous: reqwest::Client,
 }
 
 /// `[auth]` of `config/test.toml`.
@@ -416,14 +418,52 @@ impl Api {
             reqwest::header::AUTHORIZATION,
             reqwest::header::HeaderValue::from_str(&admin).expect("token header"),
         );
-        Self {
-            address,
-            client: reqwest::Client::builder()
+        let client = |headers| {
+            reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .default_headers(headers)
                 .build()
-                .expect("http client"),
+                .expect("http client")
+        };
+        Self {
+            address,
+            client: client(headers),
+            anonymous: client(reqwest::header::HeaderMap::new()),
         }
+    }
+
+    /// A request carrying `token` as its bearer token, or no `Authorization` at all.
+    pub fn request_with_token(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = self.anonymous.request(method, self.url(path));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    pub async fn get_with_token(&self, path: &str, token: Option<&str>) -> Response {
+        self.request_with_token(reqwest::Method::GET, path, token)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_json_with_token(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Response {
+        self.request_with_token(reqwest::Method::POST, path, token)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub fn url(&self, path: &str) -> String {
