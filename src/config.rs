@@ -1,8 +1,10 @@
 //! Settings: embedded defaults < config/default.toml < config/$APP_ENV.toml < APP__* env.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
@@ -22,6 +24,10 @@ pub struct Settings {
     pub log: LogSettings,
     pub rate_limit: RateLimitSettings,
     pub cors: CorsSettings,
+    pub auth: AuthSettings,
+    /// The `APP_ENV` the settings were loaded for (`local`, `test`, `production`, …).
+    #[serde(skip)]
+    pub environment: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +132,76 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// `[auth]`: who may call the `/api`, `/users/enriched` and `/admin` routes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// `false` lets every request through (local experiments only; refused in
+    /// production).
+    pub enabled: bool,
+    /// Shared secret of HS256 tokens (local use, tests, `userhub token`). Empty: HS256
+    /// tokens are not accepted.
+    pub hs256_secret: SecretString,
+    /// A file holding the HS256 secret (container secrets); when set it wins over
+    /// `hs256_secret`. Empty: unset.
+    pub hs256_secret_file: String,
+    /// An OIDC provider's JWKS URL (RS256/ES256 keys). Empty: unset.
+    pub jwks_url: String,
+    /// An unknown `kid` re-fetches the JWKS at most once per this many seconds.
+    pub jwks_min_refresh_secs: u64,
+    /// Longest a JWKS fetch may take.
+    pub jwks_timeout_ms: u64,
+    /// Required `iss` of every token.
+    pub issuer: String,
+    /// Required `aud` of every token (one of its values when it is a list).
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+/// The HS256 secret of `config/default.toml`: good enough for `cargo run`, refused in
+/// production.
+pub const DEVELOPMENT_HS256_SECRET: &str = "userhub-development-secret-not-for-production-use";
+
+/// Shortest HS256 secret accepted in production (RFC 7518 §3.2: at least the hash size).
+pub const MIN_PRODUCTION_SECRET_BYTES: usize = 32;
+
+/// How long reading `auth.hs256_secret_file` may take.
+const SECRET_FILE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl AuthSettings {
+    /// The HS256 secret: the content of `hs256_secret_file` (without its trailing line
+    /// break) when set, else `hs256_secret`; `None` when empty (HS256 disabled).
+    pub async fn hs256_secret(&self) -> anyhow::Result<Option<SecretString>> {
+        let secret = if self.hs256_secret_file.is_empty() {
+            self.hs256_secret.clone()
+        } else {
+            let path = Path::new(&self.hs256_secret_file);
+            let read = tokio::task::spawn_blocking({
+                let path = path.to_owned();
+                move || std::fs::read_to_string(path)
+            });
+            let content = match tokio::time::timeout(SECRET_FILE_TIMEOUT, read).await {
+                Ok(Ok(read)) => read.map_err(anyhow::Error::from),
+                Ok(Err(panicked)) => Err(anyhow::Error::from(panicked)),
+                Err(_) => Err(anyhow::anyhow!("timed out after {SECRET_FILE_TIMEOUT:?}")),
+            }
+            .with_context(|| format!("cannot read auth.hs256_secret_file {}", path.display()))?;
+            let secret = content.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(
+                !secret.is_empty(),
+                "auth.hs256_secret_file {} is empty",
+                path.display()
+            );
+            SecretString::from(secret)
+        };
+        Ok((!secret.expose_secret().is_empty()).then_some(secret))
+    }
+
+    pub fn jwks_url(&self) -> Option<&str> {
+        Some(self.jwks_url.trim()).filter(|url| !url.is_empty())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -146,7 +222,7 @@ impl Settings {
         let dir = std::env::var_os("APP_CONFIG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("config"));
-        Config::builder()
+        let mut settings: Self = Config::builder()
             .add_source(File::from_str(EMBEDDED_DEFAULTS, FileFormat::Toml))
             .add_source(File::from(dir.join("default.toml")).required(false))
             .add_source(File::from(dir.join(format!("{environment}.toml"))).required(false))
@@ -161,7 +237,13 @@ impl Settings {
                     .with_list_parse_key("rate_limit.trusted_proxies"),
             )
             .build()?
-            .try_deserialize()
+            .try_deserialize()?;
+        settings.environment = environment.to_owned();
+        Ok(settings)
+    }
+
+    pub fn is_production(&self) -> bool {
+        self.environment == "production"
     }
 }
 
@@ -218,6 +300,56 @@ mod tests {
         assert!(settings.cors.allowed_origins.is_empty());
         assert!(settings.rate_limit.trusted_proxies.is_empty());
         assert!(!settings.server.tls.enabled());
+    }
+
+    #[test]
+    fn embedded_auth_defaults_work_out_of_the_box_with_the_development_secret() {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(EMBEDDED_DEFAULTS, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .expect("embedded defaults are valid");
+        let auth = settings.auth;
+        assert!(auth.enabled);
+        assert_eq!(auth.hs256_secret.expose_secret(), DEVELOPMENT_HS256_SECRET);
+        assert!(DEVELOPMENT_HS256_SECRET.len() >= MIN_PRODUCTION_SECRET_BYTES);
+        assert_eq!(auth.jwks_url(), None);
+        assert!(!auth.issuer.is_empty() && !auth.audience.is_empty());
+        assert!(!format!("{auth:?}").contains(DEVELOPMENT_HS256_SECRET));
+    }
+
+    fn auth_with(secret: &str, file: &str) -> AuthSettings {
+        AuthSettings {
+            enabled: true,
+            hs256_secret: SecretString::from(secret),
+            hs256_secret_file: file.to_owned(),
+            jwks_url: " ".into(),
+            jwks_min_refresh_secs: 60,
+            jwks_timeout_ms: 5000,
+            issuer: "i".into(),
+            audience: "a".into(),
+            leeway_secs: 30,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_secret_file_wins_without_its_line_break_and_empty_means_off() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-the-file\r\n").unwrap();
+        let path = file.display().to_string();
+        let secret = auth_with("configured", &path).hs256_secret().await.unwrap();
+        assert_eq!(secret.unwrap().expose_secret(), "from-the-file");
+        let secret = auth_with("configured", "").hs256_secret().await.unwrap();
+        assert_eq!(secret.unwrap().expose_secret(), "configured");
+        assert!(auth_with("", "").hs256_secret().await.unwrap().is_none());
+        assert_eq!(auth_with("", "").jwks_url(), None, "blank means unset");
+
+        std::fs::write(&file, "\n").unwrap();
+        let error = auth_with("x", &path).hs256_secret().await.unwrap_err();
+        assert!(format!("{error:#}").contains("is empty"), "{error:#}");
+        let error = auth_with("x", "/nonexistent/secret").hs256_secret().await;
+        assert!(error.is_err());
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The `userhub` command line: `serve` (default) and `migrate`.
+//! The `userhub` command line: `serve` (default), `migrate`, `token` and `dlq`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use std::time::Duration;
 use userhub::config::Settings;
+use userhub::http::auth::{LocalToken, mint_local_token, parse_ttl};
+use userhub::http::identity::Role as AccessRole;
 
 use userhub::startup::{Application, Bus, Roles, open_bus, open_database};
 use userhub::telemetry;
@@ -39,6 +41,23 @@ enum Command {
     },
     /// Apply pending database migrations to database.url and exit.
     Migrate,
+    /// Print a bearer token signed with the configured HS256 secret (auth.hs256_secret
+    /// or auth.hs256_secret_file), with the configured issuer and audience.
+    ///
+    /// For local use and scripts: TOKEN=$(userhub token --sub me --role admin)
+    Token {
+        /// The token's subject (`sub`): who it speaks for.
+        #[arg(long)]
+        sub: String,
+        /// A role to grant (repeatable): users:read, users:write or admin (admin grants
+        /// every role).
+        #[arg(long = "role", value_name = "ROLE", value_parser = parse_access_role)]
+        roles: Vec<AccessRole>,
+        /// How long the token is valid: a whole number and a unit, s, m, h or d
+        /// (30s, 15m, 1h, 1d), at most 365d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
     /// Inspect and replay dead letters (messages the workers gave up on).
     Dlq {
         #[command(subcommand)]
@@ -71,6 +90,11 @@ enum Role {
     Worker,
 }
 
+fn parse_access_role(raw: &str) -> Result<AccessRole, String> {
+    AccessRole::parse(raw)
+        .ok_or_else(|| format!("unknown role {raw:?}: use users:read, users:write or admin"))
+}
+
 fn roles_of(list: &[Role]) -> Roles {
     Roles {
         api: list.contains(&Role::Api),
@@ -83,7 +107,12 @@ fn roles_of(list: &[Role]) -> Roles {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("cannot load configuration")?;
-    telemetry::init(&settings.log, std::io::stdout);
+    if matches!(cli.command, Some(Command::Token { .. })) {
+        // stdout carries the token alone.
+        telemetry::init(&settings.log, std::io::stderr);
+    } else {
+        telemetry::init(&settings.log, std::io::stdout);
+    }
     match cli.command.unwrap_or(Command::Serve {
         roles: vec![Role::Api, Role::Relay, Role::Worker],
     }) {
@@ -92,6 +121,15 @@ async fn main() -> anyhow::Result<()> {
                 .await?
                 .run_until_stopped()
                 .await
+        }
+        Command::Token { sub, roles, ttl } => {
+            let token = LocalToken {
+                subject: sub,
+                roles,
+                ttl,
+            };
+            println!("{}", mint_local_token(&settings.auth, &token).await?);
+            Ok(())
         }
         Command::Dlq { command } => {
             let database = open_database(&settings).await?;

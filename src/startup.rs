@@ -15,6 +15,7 @@ use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
 use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
+use crate::http::auth::Authentication;
 use crate::http::{self, Gauges, Hardening, HttpState, Readiness};
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
@@ -99,6 +100,8 @@ impl Application {
         install_crypto_provider();
         // Checked before anything is opened, so a bad TLS, CORS or proxy setting fails fast.
         let hardening = Hardening::from_settings(&settings)?;
+        // First, so a configuration refused in production touches nothing.
+        let auth = Arc::new(Authentication::from_settings(&settings).await?);
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;
@@ -143,6 +146,7 @@ impl Application {
             },
             serve_api: roles.api,
             hardening,
+            auth,
         };
         let server = http::serve(listener, state, &settings.server)?;
         let scheme = if settings.server.tls.enabled() {

@@ -1,8 +1,9 @@
-//! Shared HTTP concerns: problem+json errors, request ids, health, OpenAPI, rate
-//! limiting and transport hardening, and the combined profile view composed from the two
-//! modules' read APIs.
+//! Shared HTTP concerns: problem+json errors, request ids, authentication, rate limiting
+//! and transport hardening, health and metrics, OpenAPI, and the combined profile view
+//! composed from the two modules' read APIs.
 
 mod admin;
+pub mod auth;
 mod hardening;
 mod health;
 pub mod identity;
@@ -50,6 +51,8 @@ pub struct HttpState {
     pub serve_api: bool,
     /// Rate limits, CORS, TLS (`rate_limit.*`, `cors.*`, `server.tls.*`).
     pub hardening: Hardening,
+    /// Who may call the protected routes (see [`auth::required_access`]).
+    pub auth: Arc<auth::Authentication>,
 }
 
 /// Starts the HTTP server on `listener` (not yet awaited), over TLS when configured.
@@ -71,20 +74,24 @@ pub fn serve(
         });
         let security = state.hardening.clone();
         let limiter = security.rate_limiter.clone();
-        // The last `.wrap` runs first. From the outside in: request log and id, security
-        // headers and problem+json for every answer, CORS (preflights end there), then
-        // authentication, then rate limiting (keyed by the authenticated subject).
+        // The last `.wrap` runs first. From the outside in: request log and id; security
+        // headers and problem+json for every answer; CORS (preflights end there);
+        // authentication, which identifies the caller or notes why it is refused; rate
+        // limiting, keyed by the subject or the IP, so refused requests count too; then
+        // the refusal (401/403), if any.
         let mut app = App::new()
             .wrap(ErrorHandlers::new().default_handler(problem::problem_for_plain_errors))
+            .wrap(from_fn(auth::enforce))
             .wrap(from_fn(move |req, next| {
                 rate_limit::limit(limiter.clone(), req, next)
             }))
-            // (authentication wraps here: inside CORS, outside rate limiting)
+            .wrap(from_fn(auth::authenticate))
             .wrap(security.cors())
             .wrap(from_fn(move |req, next| {
                 hardening::finish_responses(security.clone(), req, next)
             }))
             .wrap(from_fn(request_id::request_context))
+            .app_data(web::Data::from(state.auth.clone()))
             .app_data(json)
             .app_data(query)
             .app_data(web::PayloadConfig::default().limit(body_limit))

@@ -1,10 +1,10 @@
 //! The OpenAPI document and Swagger UI.
 
 use actix_web::{HttpResponse, http::header, web};
-use utoipa::OpenApi;
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, health, profile_view};
+use super::{admin, auth, health, profile_view};
 use crate::{enrichment, users};
 
 #[derive(OpenApi)]
@@ -13,8 +13,12 @@ use crate::{enrichment, users};
         title = "userhub",
         description = "User registry with asynchronous profile enrichment. Errors are \
                        `application/problem+json` (RFC 9457). Every response carries \
-                       `X-Request-Id` (sent by the client or generated)."
+                       `X-Request-Id` (sent by the client or generated). The `/api`, \
+                       `/users/enriched` and `/admin` routes need `Authorization: Bearer \
+                       <JWT>` with a role: `users:read`, `users:write` or `admin` (which \
+                       grants every role)."
     ),
+    modifiers(&BearerSecurity),
     paths(
         users::routes::create_user,
         users::routes::list_users,
@@ -35,6 +39,16 @@ use crate::{enrichment, users};
     )
 )]
 pub struct ApiDoc;
+
+/// The bearer scheme, and the security requirement and 401/403 answers of every
+/// operation the access policy protects.
+struct BearerSecurity;
+
+impl Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        auth::document(openapi);
+    }
+}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(

@@ -13,7 +13,7 @@ use userhub::http::rate_limit::{Access, ClientKey, ClientRateLimiter};
 use userhub::http::{API_CSP, SWAGGER_UI_CSP, SWAGGER_UI_LOGO_STYLE};
 use userhub::startup::{Application, Roles};
 
-use crate::helpers::{DEADLINE, Spawn, TestApp, assert_problem, spawn};
+use crate::helpers::{DEADLINE, Spawn, TestApp, assert_problem, hs256_token, spawn, test_claims};
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).expect("a positive quota")
@@ -27,6 +27,10 @@ async fn spawn_limited(
 ) -> TestApp {
     spawn(Spawn {
         configure: Box::new(move |settings| {
+            // Anonymous callers, keyed by address: what these tests are about. Keying by
+            // token subject is tested in
+            // authenticated_clients_are_limited_per_subject_and_bad_tokens_per_address.
+            settings.auth.enabled = false;
             let limits = &mut settings.rate_limit;
             limits.enabled = true;
             (limits.read_per_minute, limits.read_burst) = (nz(read.0), nz(read.1));
@@ -597,4 +601,44 @@ async fn a_wildcard_origin_or_a_bad_proxy_stops_the_start() {
     assert!(wildcard.contains("cors.allowed_origins"), "{wildcard}");
     let proxy = build_error(|s| s.rate_limit.trusted_proxies = vec!["gateway".into()]).await;
     assert!(proxy.contains("rate_limit.trusted_proxies"), "{proxy}");
+}
+
+#[tokio::test]
+async fn authenticated_clients_are_limited_per_subject_and_bad_tokens_per_address() {
+    let app = spawn(Spawn {
+        configure: Box::new(|settings| {
+            let limits = &mut settings.rate_limit;
+            (limits.read_per_minute, limits.read_burst) = (nz(1), nz(1));
+        }),
+        ..Spawn::default()
+    })
+    .await;
+    let (alice, bob) = (
+        hs256_token(&test_claims("alice", &["users:read"])),
+        hs256_token(&test_claims("bob", &["users:read"])),
+    );
+    // Same address, two subjects: two budgets.
+    assert_eq!(
+        app.get_with_token("/api/users", Some(&alice))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.get_with_token("/api/users", Some(&bob)).await.status(),
+        StatusCode::OK
+    );
+    let again = app.get_with_token("/api/users", Some(&alice)).await;
+    assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    // Refused tokens are counted against the address, before the 401 is answered: a
+    // flood of bad tokens is throttled like anything else.
+    let first = app.get_with_token("/api/users", Some("not.a.token")).await;
+    assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+    let flood = app
+        .get_with_token("/api/users", Some("still.not.atoken"))
+        .await;
+    assert_eq!(flood.status(), StatusCode::TOO_MANY_REQUESTS);
+    let anonymous = app.get_with_token("/api/users", None).await;
+    assert_eq!(anonymous.status(), StatusCode::TOO_MANY_REQUESTS);
 }

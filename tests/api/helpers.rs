@@ -5,6 +5,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use reqwest::{Response, StatusCode};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tempfile::TempDir;
@@ -39,7 +40,43 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// An HTTP client bound to one running app, with typed request helpers.
 pub struct Api {
     pub address: String,
+    /// Sends an admin token (signed with the test secret) with every request, unless the
+    /// request sets its own `Authorization`.
     pub client: reqwest::Client,
+    /// Sends no `Authorization` header: for requests with a chosen token or none.
+    pub anonymous: reqwest::Client,
+}
+
+/// `[auth]` of `config/test.toml`.
+pub static TEST_AUTH: LazyLock<userhub::config::AuthSettings> =
+    LazyLock::new(|| Settings::load_for("test").expect("test settings load").auth);
+
+/// The claims of a test token signed with the test secret of `config/test.toml`: the
+/// test issuer and audience, valid from now for an hour. Tests adjust them as needed.
+pub fn test_claims(subject: &str, roles: &[&str]) -> Value {
+    let auth = &*TEST_AUTH;
+    let now = chrono::Utc::now().timestamp();
+    json!({
+        "sub": subject,
+        "iss": auth.issuer,
+        "aud": auth.audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "roles": roles,
+    })
+}
+
+/// Signs `claims` with HS256 and the test secret.
+pub fn hs256_token(claims: &Value) -> String {
+    let secret = TEST_AUTH.hs256_secret.expose_secret();
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("token signs")
+}
+
+/// A valid test token granting `roles`.
+pub fn token_with_roles(roles: &[&str]) -> String {
+    hs256_token(&test_claims("test-user", roles))
 }
 
 pub struct TestApp {
@@ -377,13 +414,58 @@ impl Api {
     pub fn new(address: String) -> Self {
         // reqwest is built without a default TLS provider, as the app is.
         userhub::startup::install_crypto_provider();
+        let admin = format!("Bearer {}", token_with_roles(&["admin"]));
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&admin).expect("token header"),
+        );
+        let client = |headers| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .default_headers(headers)
+                .build()
+                .expect("http client")
+        };
         Self {
             address,
-            client: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("http client"),
+            client: client(headers),
+            anonymous: client(reqwest::header::HeaderMap::new()),
         }
+    }
+
+    /// A request carrying `token` as its bearer token, or no `Authorization` at all.
+    pub fn request_with_token(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = self.anonymous.request(method, self.url(path));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    pub async fn get_with_token(&self, path: &str, token: Option<&str>) -> Response {
+        self.request_with_token(reqwest::Method::GET, path, token)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_json_with_token(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Response {
+        self.request_with_token(reqwest::Method::POST, path, token)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub fn url(&self, path: &str) -> String {
