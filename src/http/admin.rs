@@ -7,7 +7,8 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::problem::{ApiError, ApiResult, FieldErrors, Problem};
+use super::page_size;
+use super::problem::{ApiError, ApiResult, Problem};
 use crate::bus::{BusError, DeadLetter, EventBus};
 
 const DEFAULT_PAGE: u32 = 50;
@@ -63,17 +64,8 @@ pub async fn list_dead_letters(
     bus: web::Data<dyn EventBus>,
     params: web::Query<DeadLetterParams>,
 ) -> ApiResult<HttpResponse> {
-    let limit = match params.limit.as_deref().map(str::parse::<u32>) {
-        None => DEFAULT_PAGE,
-        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
-        Some(_) => {
-            let errors = FieldErrors::from([(
-                "limit".to_owned(),
-                vec![format!("must be a whole number from 1 to {MAX_PAGE}")],
-            )]);
-            return Err(ApiError::Validation(errors));
-        }
-    };
+    let limit = page_size(params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)
+        .map_err(|message| ApiError::field("limit", message))?;
     let page = bus
         .dead_letters(limit, params.after.as_deref())
         .await

@@ -39,6 +39,16 @@ pub fn parse_uuid(raw: &str) -> ApiResult<Uuid> {
         .map_err(|_| ApiError::BadRequest("The uuid in the path is malformed".into()))
 }
 
+/// Parses an optional `limit` query parameter: `default` when absent, else a whole
+/// number in `1..=max`; the error is the field message.
+pub fn page_size(raw: Option<&str>, default: u32, max: u32) -> Result<u32, String> {
+    match raw.map(str::parse::<u32>) {
+        None => Ok(default),
+        Some(Ok(n)) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(format!("must be a whole number from 1 to {max}")),
+    }
+}
+
 /// What the HTTP layer serves from.
 #[derive(Clone)]
 pub struct HttpState {

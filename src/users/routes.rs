@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{CreateUserError, Email, ListQuery, NewUser, User, UserName, Users};
 use crate::http::problem::{ApiError, ApiResult, FieldErrors, Problem};
-use crate::http::{RequestId, parse_uuid};
+use crate::http::{RequestId, page_size, parse_uuid};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 200;
@@ -149,17 +149,11 @@ pub struct ListUsersParams {
 impl ListUsersParams {
     fn into_query(self) -> ApiResult<ListQuery> {
         let mut errors = FieldErrors::new();
-        let limit = match self.limit.as_deref().map(str::parse::<u32>) {
-            None => DEFAULT_PAGE_SIZE,
-            Some(Ok(n)) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            Some(_) => {
-                errors.insert(
-                    "limit".into(),
-                    vec![format!("must be a whole number from 1 to {MAX_PAGE_SIZE}")],
-                );
+        let limit = page_size(self.limit.as_deref(), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            .unwrap_or_else(|message| {
+                errors.insert("limit".into(), vec![message]);
                 DEFAULT_PAGE_SIZE
-            }
-        };
+            });
         let after = match self.cursor.as_deref().map(Uuid::parse_str) {
             None => None,
             Some(Ok(uuid)) => Some(uuid),
