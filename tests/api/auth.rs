@@ -1387,6 +1387,12 @@ async fn secrets_and_tokens_never_reach_the_log_even_at_debug() {
     assert!(log.contains("bearer token refused"), "{log}");
     assert!(log.contains("bearer token accepted"), "{log}");
     assert!(!log.contains(&secret), "the secret reached the log");
+    // E-mail addresses are masked: the registration is logged, the address is not.
+    assert!(log.contains("a***@example.com"), "{log}");
+    assert!(
+        !log.contains("ada@example.com"),
+        "a full e-mail reached the log"
+    );
     for token in [&good, &forged, &expired, &reader] {
         for (i, part) in token.split('.').enumerate() {
             assert!(!log.contains(part), "part {i} of a token reached the log");
