@@ -14,7 +14,7 @@ async fn a_cached_user_is_served_without_the_database() {
 
     // Remove the row behind the app's back: only the cache can still answer.
     app.execute("DELETE FROM users").await;
-    let cached: Value = app.get(&path).await.json().await.unwrap();
+    let cached: Value = app.get_json(&path).await;
     assert_eq!(cached, user);
 }
 
@@ -28,21 +28,11 @@ async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
     .await;
     let user = app.create_user("Grace Hopper", "grace@example.com").await;
     let uuid = user["uuid"].as_str().unwrap();
-    let pending: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(pending["enrichment"]["status"], "pending");
 
     app.deliver_all().await;
-    let done: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let done: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(
         done["enrichment"]["status"], "completed",
         "pending was not cached"
@@ -51,12 +41,7 @@ async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
     // The worker wrote the cache after the store: the profile is served while the
     // store is down.
     store.set_down(true);
-    let enriched: Value = app
-        .get(&format!("/users/enriched/{uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let enriched: Value = app.get_json(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(enriched["github"], "github.com/gracehopper");
 }
 
@@ -78,12 +63,7 @@ async fn a_dead_redis_changes_no_response() {
     let user = app.create_user("Ada Lovelace", "ada@example.com").await;
     let uuid = user["uuid"].as_str().unwrap();
     for _ in 0..3 {
-        let fetched: Value = app
-            .get(&format!("/api/users/{uuid}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let fetched: Value = app.get_json(&format!("/api/users/{uuid}")).await;
         assert_eq!(fetched, user);
     }
     assert_eq!(
@@ -91,12 +71,7 @@ async fn a_dead_redis_changes_no_response() {
         StatusCode::NOT_FOUND
     );
     app.deliver_all().await;
-    let enriched: Value = app
-        .get(&format!("/users/enriched/{uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let enriched: Value = app.get_json(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(enriched["github"], "github.com/adalovelace");
 
     let ready = app.get("/health/ready").await;

@@ -125,12 +125,7 @@ async fn a_store_that_keeps_failing_leads_to_a_dead_letter_and_a_failed_profile(
         "the event is kept for replay"
     );
 
-    let profile: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(profile["enrichment"]["status"], "failed");
     let response = app.get(&format!("/users/enriched/{uuid}")).await;
     assert_problem(response, StatusCode::NOT_FOUND).await;
@@ -185,12 +180,7 @@ async fn redelivery_of_an_event_is_harmless() {
     let user = app.create_user("Ada Lovelace", "ada@example.com").await;
     let uuid = user["uuid"].as_str().unwrap();
     assert_eq!(app.deliver_all().await, [Outcome::Acked]);
-    let first: Value = app
-        .get(&format!("/users/enriched/{uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let first: Value = app.get_json(&format!("/users/enriched/{uuid}")).await;
 
     // The relay crashed after publishing but before marking the row sent: the same
     // event (same id) is published again — twice, even.
@@ -204,12 +194,7 @@ async fn redelivery_of_an_event_is_harmless() {
     );
     assert_eq!(app.deliver_all().await, [Outcome::Acked]);
 
-    let again: Value = app
-        .get(&format!("/users/enriched/{uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = app.get_json(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(
         again["enriched_at"], first["enriched_at"],
         "first enrichment time kept"
@@ -333,7 +318,7 @@ async fn a_dead_letter_can_be_listed_and_replayed_once_the_store_recovers() {
     app.relay.drain().await.unwrap();
     while !matches!(next_outcome(&app).await, Outcome::DeadLettered { .. }) {}
 
-    let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    let listed: Vec<Value> = app.get_json("/admin/dead-letters").await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["attempts"], 3);
     assert_eq!(listed[0]["queue"], BINDING.queue);
@@ -350,17 +335,12 @@ async fn a_dead_letter_can_be_listed_and_replayed_once_the_store_recovers() {
     assert_eq!(replay.status(), StatusCode::ACCEPTED);
     assert_eq!(next_outcome(&app).await, Outcome::Acked);
 
-    let profile: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(
         profile["enrichment"]["status"], "completed",
         "failed turns completed"
     );
-    let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    let listed: Vec<Value> = app.get_json("/admin/dead-letters").await;
     assert!(listed.is_empty(), "a replayed letter is no longer listed");
     let again = app
         .client

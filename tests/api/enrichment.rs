@@ -16,23 +16,13 @@ async fn a_created_user_is_pending_until_its_event_is_delivered() {
 
     let response = app.get(&format!("/users/enriched/{uuid}")).await;
     assert_problem(response, StatusCode::NOT_FOUND).await;
-    let profile: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(profile["enrichment"]["status"], "pending");
     assert!(profile["enrichment"].get("github").is_none());
 
     assert_eq!(app.deliver_all().await, [Outcome::Acked]);
 
-    let enriched: Value = app
-        .get(&format!("/users/enriched/{uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let enriched: Value = app.get_json(&format!("/users/enriched/{uuid}")).await;
     assert_eq!(enriched["uuid"], uuid);
     assert_eq!(enriched["name"], "João Silva");
     assert_eq!(enriched["email"], "joao.silva@example.com");
@@ -40,12 +30,7 @@ async fn a_created_user_is_pending_until_its_event_is_delivered() {
     assert_eq!(enriched["github"], "github.com/joaosilva");
     assert!(enriched["enriched_at"].is_string());
 
-    let profile: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(profile["uuid"], uuid);
     assert_eq!(profile["name"], "João Silva");
     assert_eq!(profile["enrichment"]["status"], "completed");

@@ -53,12 +53,7 @@ async fn readiness_is_503_when_a_dependency_is_down() {
 #[tokio::test]
 async fn openapi_documents_every_route_with_its_errors() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .get("/api-docs/openapi.json")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.get_json("/api-docs/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
     for (path, method, statuses) in [
         (

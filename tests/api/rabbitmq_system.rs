@@ -73,7 +73,7 @@ async fn a_broker_outage_delays_enrichment_but_loses_and_duplicates_nothing() {
         DEADLINE,
     )
     .await;
-    let ready: Value = app.get("/health/ready").await.json().await.unwrap();
+    let ready: Value = app.get_json("/health/ready").await;
     assert_eq!(ready["checks"]["bus"]["status"], "down", "{ready}");
     for i in 0..20 {
         let user = app
@@ -115,7 +115,7 @@ async fn a_broker_outage_delays_enrichment_but_loses_and_duplicates_nothing() {
         "{upserts} handler runs for 25 events (redeliveries: {})",
         upserts - 25
     );
-    let dead: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    let dead: Vec<Value> = app.get_json("/admin/dead-letters").await;
     assert!(dead.is_empty(), "{dead:?}");
     app.stop().await;
 }
@@ -140,7 +140,7 @@ async fn on_rabbitmq_a_failing_store_ends_in_the_dlq_and_replay_enriches_the_use
 
     let started = Instant::now();
     let dead = loop {
-        let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+        let listed: Vec<Value> = app.get_json("/admin/dead-letters").await;
         if let Some(letter) = listed.into_iter().next() {
             break letter;
         }
@@ -157,12 +157,7 @@ async fn on_rabbitmq_a_failing_store_ends_in_the_dlq_and_replay_enriches_the_use
     let attempts = store.upsert_attempts.lock().unwrap().clone();
     assert!(attempts[1] - attempts[0] >= Duration::from_millis(20));
     assert!(attempts[2] - attempts[1] >= Duration::from_millis(40));
-    let profile: Value = app
-        .get(&format!("/api/users/{uuid}/profile"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&format!("/api/users/{uuid}/profile")).await;
     assert_eq!(profile["enrichment"]["status"], "failed");
 
     store.fail_next_upserts(0);
@@ -175,7 +170,7 @@ async fn on_rabbitmq_a_failing_store_ends_in_the_dlq_and_replay_enriches_the_use
         .unwrap();
     assert_eq!(replay.status(), StatusCode::ACCEPTED);
     app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
-    let listed: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+    let listed: Vec<Value> = app.get_json("/admin/dead-letters").await;
     assert!(listed.is_empty(), "{listed:?}");
     app.stop().await;
 }
@@ -221,7 +216,7 @@ async fn a_malformed_message_on_the_work_queue_is_dead_lettered_without_blocking
     .await;
     let started = Instant::now();
     loop {
-        let dead: Vec<Value> = app.get("/admin/dead-letters").await.json().await.unwrap();
+        let dead: Vec<Value> = app.get_json("/admin/dead-letters").await;
         if let Some(letter) = dead.first() {
             assert_eq!(letter["message_id"], poison_id);
             assert_eq!(letter["attempts"], 1, "never retried");

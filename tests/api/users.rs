@@ -25,7 +25,7 @@ async fn create_returns_201_with_the_stored_user_and_its_location() {
     assert_eq!(location, format!("/api/users/{uuid}"));
     assert!(user["created_at"].is_string() && user["updated_at"].is_string());
 
-    let fetched: Value = app.get(&location).await.json().await.unwrap();
+    let fetched: Value = app.get_json(&location).await;
     assert_eq!(fetched, user, "GET answers exactly what POST answered");
 }
 
@@ -231,7 +231,7 @@ async fn list_is_newest_first_and_pages_walk_without_duplicates_or_gaps() {
     let seen = walk(&app, "/api/users?limit=5", async |_| {}).await;
     assert_eq!(seen, created, "every user once, newest first");
 
-    let all: Vec<Value> = app.get("/api/users").await.json().await.unwrap();
+    let all: Vec<Value> = app.get_json("/api/users").await;
     assert_eq!(all.len(), 23, "default limit 50 holds them all");
     let response = app.get("/api/users?limit=23").await;
     assert!(
@@ -275,16 +275,11 @@ async fn q_filters_by_name_or_email_ignoring_case_and_survives_paging() {
             .map(|u| u["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    let silva: Vec<Value> = app.get("/api/users?q=SILVA").await.json().await.unwrap();
+    let silva: Vec<Value> = app.get_json("/api/users?q=SILVA").await;
     assert_eq!(names(silva), ["ÉLODIE Martin", "Maria Silva", "João Silva"]);
-    let elodie: Vec<Value> = app
-        .get("/api/users?q=%C3%A9lodie")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let elodie: Vec<Value> = app.get_json("/api/users?q=%C3%A9lodie").await;
     assert_eq!(names(elodie), ["ÉLODIE Martin"], "Unicode case folding");
-    let none: Vec<Value> = app.get("/api/users?q=%25").await.json().await.unwrap();
+    let none: Vec<Value> = app.get_json("/api/users?q=%25").await;
     assert!(none.is_empty(), "% is a character, not a wildcard");
 
     let seen = walk(&app, "/api/users?limit=1&q=silva", async |_| {}).await;
