@@ -56,7 +56,6 @@ pub struct Application {
     server: actix_web::dev::Server,
     roles: Roles,
     shutdown: CancellationToken,
-    users: Users,
     enrichment: Enrichment,
     relay: Arc<OutboxRelay>,
     bus: Bus,
@@ -164,7 +163,6 @@ impl Application {
             server,
             roles,
             shutdown: CancellationToken::new(),
-            users,
             enrichment,
             relay,
             bus,
@@ -181,10 +179,6 @@ impl Application {
         self.shutdown.clone()
     }
 
-    pub fn users(&self) -> &Users {
-        &self.users
-    }
-
     pub fn enrichment(&self) -> &Enrichment {
         &self.enrichment
     }
@@ -192,11 +186,6 @@ impl Application {
     /// The outbox relay, for driving delivery step by step.
     pub fn relay(&self) -> Arc<OutboxRelay> {
         self.relay.clone()
-    }
-
-    /// The event bus, whichever adapter was chosen.
-    pub fn event_bus(&self) -> Arc<dyn EventBus> {
-        self.bus.event_bus()
     }
 
     /// The in-process bus when `bus.url` is `memory://`, for driving delivery step by
