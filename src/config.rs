@@ -55,7 +55,7 @@ pub struct TlsSettings {
     pub key_path: Option<PathBuf>,
 }
 
-/// Per-client request quotas (see `http::rate_limit`).
+/// Per-client request quotas (see `web::rate_limit`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct RateLimitSettings {
     pub enabled: bool,

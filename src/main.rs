@@ -5,11 +5,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use std::time::Duration;
 use userhub::config::Settings;
-use userhub::http::auth::{LocalToken, mint_local_token, parse_ttl};
-use userhub::http::identity::Role as AccessRole;
 
 use userhub::startup::{Application, Bus, Roles, open_bus, open_database};
 use userhub::telemetry;
+use userhub::web::auth::{LocalToken, mint_local_token, parse_ttl};
+use userhub::web::identity::Role as AccessRole;
 
 /// userhub: a user registry with asynchronous profile enrichment.
 ///

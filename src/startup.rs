@@ -10,17 +10,19 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{Gauges, Readiness, Routes};
 use crate::bus::{DeliveryPolicy, EventBus, InProcessBus, RabbitBus};
 use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
+use crate::crypto::install_crypto_provider;
 use crate::db::{self, Database};
 use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
-use crate::http::auth::Authentication;
-use crate::http::{self, Gauges, Hardening, HttpState, Readiness};
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
 use crate::users::{PgUserRepository, SqliteUserRepository, UserRepository, Users};
+use crate::web::auth::Authentication;
+use crate::web::{self, Hardening, Stack};
 
 /// What one process does. A single process does everything; later, `api,relay` hosts
 /// and `worker` hosts can share a broker.
@@ -129,25 +131,31 @@ impl Application {
         let listener = TcpListener::bind(address)
             .with_context(|| format!("cannot listen on {}:{}", address.0, address.1))?;
         let port = listener.local_addr()?.port();
-        let state = HttpState {
+        let bus_port = bus.event_bus();
+        let routes = Routes {
             users: users.clone(),
             enrichment: enrichment.clone(),
+            bus: bus_port.clone(),
             readiness: Readiness {
-                users: users.clone(),
+                users,
                 enrichment: enrichment.clone(),
-                bus: bus.event_bus(),
+                bus: bus_port,
                 cache,
             },
-            metrics: metrics.clone(),
             gauges: Gauges {
                 relay: relay.clone(),
                 database,
             },
             serve_api: roles.api,
+        };
+        let stack = Stack {
             hardening,
             auth,
+            metrics: metrics.clone(),
         };
-        let server = http::serve(listener, state, &settings.server)?;
+        let server = web::serve(listener, stack, &settings.server, move |cfg| {
+            routes.configure(cfg)
+        })?;
         let scheme = if settings.server.tls.enabled() {
             "https"
         } else {
@@ -359,12 +367,6 @@ async fn open_documents(
         }
     };
     Ok(Arc::new(SqliteProfileStore::new(pool)))
-}
-
-/// Installs ring as the process-wide rustls provider (TLS serving, JWKS fetches). The
-/// crates are built without a default provider; installing twice is harmless.
-pub fn install_crypto_provider() {
-    let _already_installed = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Result<()> {

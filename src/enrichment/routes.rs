@@ -7,8 +7,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{EnrichedProfile, Enrichment, EnrichmentStatus, StoreError};
-use crate::http::parse_uuid;
-use crate::http::problem::{ApiError, ApiResult, Problem};
+use crate::web::UuidParam;
+use crate::web::problem::{ApiError, ApiResult, Problem};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/users/enriched/{uuid}").route(web::get().to(get_enriched_profile)));
@@ -86,9 +86,8 @@ impl EnrichedProfileResponse {
 )]
 pub async fn get_enriched_profile(
     enrichment: web::Data<Enrichment>,
-    path: web::Path<String>,
+    UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
-    let uuid = parse_uuid(&path)?;
     let profile = enrichment
         .profile(uuid)
         .await?

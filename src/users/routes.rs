@@ -8,8 +8,8 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{CreateUserError, Email, ListQuery, NewUser, User, UserName, Users};
-use crate::http::problem::{ApiError, ApiResult, FieldErrors, Problem};
-use crate::http::{RequestId, page_size, parse_uuid};
+use crate::web::problem::{ApiError, ApiResult, FieldErrors, Problem};
+use crate::web::{RequestId, UuidParam, page_size};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 200;
@@ -242,8 +242,10 @@ pub async fn list_users(
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn get_user(users: web::Data<Users>, path: web::Path<String>) -> ApiResult<HttpResponse> {
-    let uuid = parse_uuid(&path)?;
+pub async fn get_user(
+    users: web::Data<Users>,
+    UuidParam(uuid): UuidParam,
+) -> ApiResult<HttpResponse> {
     let user = users
         .find(uuid)
         .await?

@@ -9,9 +9,9 @@ use reqwest::{Method, Response, StatusCode};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use userhub::config::Settings;
-use userhub::http::rate_limit::{Access, ClientKey, ClientRateLimiter};
-use userhub::http::{API_CSP, SWAGGER_UI_CSP, SWAGGER_UI_LOGO_STYLE};
 use userhub::startup::{Application, Roles};
+use userhub::web::rate_limit::{Access, ClientKey, ClientRateLimiter};
+use userhub::web::{API_CSP, SWAGGER_UI_CSP, SWAGGER_UI_LOGO_STYLE};
 
 use crate::helpers::{DEADLINE, Spawn, TestApp, assert_problem, hs256_token, spawn, test_claims};
 
@@ -521,7 +521,7 @@ async fn https_is_served_when_a_certificate_is_configured() {
     .await;
     let https = app.address.replacen("http://", "https://", 1);
 
-    userhub::startup::install_crypto_provider();
+    userhub::crypto::install_crypto_provider();
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap()])
         .build()

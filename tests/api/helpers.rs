@@ -413,7 +413,7 @@ fn inspection_settings() -> userhub::config::DatabaseSettings {
 impl Api {
     pub fn new(address: String) -> Self {
         // reqwest is built without a default TLS provider, as the app is.
-        userhub::startup::install_crypto_provider();
+        userhub::crypto::install_crypto_provider();
         let admin = format!("Bearer {}", token_with_roles(&["admin"]));
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(

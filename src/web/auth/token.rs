@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::jwks::JwksKeys;
 use crate::config::AuthSettings;
-use crate::http::identity::{Principal, Role};
+use crate::web::identity::{Principal, Role};
 
 /// Longest token looked at: real ones stay well under 2 KiB, and this bounds the work
 /// an anonymous caller can cause.

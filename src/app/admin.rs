@@ -1,15 +1,13 @@
 //! Operator routes: dead letters and their replay.
 
-use std::sync::Arc;
-
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::page_size;
-use super::problem::{ApiError, ApiResult, Problem};
 use crate::bus::{BusError, DeadLetter, EventBus};
+use crate::web::page_size;
+use crate::web::problem::{ApiError, ApiResult, Problem};
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
@@ -110,9 +108,4 @@ pub async fn replay_dead_letter(
     } else {
         Err(ApiError::NotFound(format!("No dead letter {id} to replay")))
     }
-}
-
-/// For `web::Data::from`.
-pub fn data(bus: Arc<dyn EventBus>) -> web::Data<dyn EventBus> {
-    web::Data::from(bus)
 }

@@ -4,7 +4,8 @@ use actix_web::{HttpResponse, http::header, web};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, health, profile_view};
+use super::{admin, health, profile_view};
+use crate::web::auth;
 use crate::{enrichment, users};
 
 #[derive(OpenApi)]

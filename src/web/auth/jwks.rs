@@ -38,7 +38,7 @@ pub struct JwksKeys {
 impl JwksKeys {
     pub fn new(url: &str, min_refresh: Duration, timeout: Duration) -> anyhow::Result<Self> {
         // reqwest is built without a default rustls provider.
-        crate::startup::install_crypto_provider();
+        crate::crypto::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

@@ -7,10 +7,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::parse_uuid;
-use super::problem::{ApiError, ApiResult, Problem};
 use crate::enrichment::{EnrichedProfile, Enrichment, EnrichmentStatus};
 use crate::users::Users;
+use crate::web::UuidParam;
+use crate::web::problem::{ApiError, ApiResult, Problem};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/users/{uuid}/profile").route(web::get().to(get_user_profile)));
@@ -105,9 +105,8 @@ pub struct UserProfileResponse {
 pub async fn get_user_profile(
     users: web::Data<Users>,
     enrichment: web::Data<Enrichment>,
-    path: web::Path<String>,
+    UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
-    let uuid = parse_uuid(&path)?;
     let (user, profile) = tokio::join!(users.find(uuid), enrichment.profile(uuid));
     let user = user?.ok_or_else(|| ApiError::NotFound(format!("No user with uuid {uuid}")))?;
     Ok(HttpResponse::Ok().json(UserProfileResponse {

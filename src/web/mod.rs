@@ -1,15 +1,13 @@
-//! Shared HTTP concerns: problem+json errors, request ids, authentication, rate limiting
-//! and transport hardening, health and metrics, OpenAPI, and the combined profile view
-//! composed from the two modules' read APIs.
+//! The web layer: what every route shares, knowing no module. Problem+json errors,
+//! request ids, authentication and roles, rate limiting, transport hardening, TLS, the
+//! shared extractors, and the server with its middleware stack. Which routes exist is
+//! the business of the composition (`app`), which hands them to [`serve`].
 
-mod admin;
 pub mod auth;
+pub mod extract;
 mod hardening;
-mod health;
 pub mod identity;
-mod openapi;
 pub mod problem;
-mod profile_view;
 pub mod rate_limit;
 mod request_id;
 mod tls;
@@ -20,59 +18,39 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
-use uuid::Uuid;
 
+pub use extract::{UuidParam, page_size, parse_uuid};
 pub use hardening::{API_CSP, Hardening, SWAGGER_UI_CSP, SWAGGER_UI_LOGO_STYLE};
-pub use health::{Gauges, Readiness};
-pub use openapi::ApiDoc;
 pub use request_id::{REQUEST_ID_HEADER, RequestId};
 
 use crate::config::ServerSettings;
-use crate::enrichment::{self, Enrichment};
 use crate::metrics::Metrics;
-use crate::users::{self, Users};
-use problem::{ApiError, ApiResult, Problem};
+use problem::Problem;
 
-/// Parses a uuid path segment. The nil uuid is well-formed (it is simply not found).
-pub fn parse_uuid(raw: &str) -> ApiResult<Uuid> {
-    Uuid::try_parse(raw)
-        .map_err(|_| ApiError::BadRequest("The uuid in the path is malformed".into()))
-}
-
-/// Parses an optional `limit` query parameter: `default` when absent, else a whole
-/// number in `1..=max`; the error is the field message.
-pub fn page_size(raw: Option<&str>, default: u32, max: u32) -> Result<u32, String> {
-    match raw.map(str::parse::<u32>) {
-        None => Ok(default),
-        Some(Ok(n)) if (1..=max).contains(&n) => Ok(n),
-        Some(_) => Err(format!("must be a whole number from 1 to {max}")),
-    }
-}
-
-/// What the HTTP layer serves from.
+/// What the middleware stack needs, whatever the routes.
 #[derive(Clone)]
-pub struct HttpState {
-    pub users: Users,
-    pub enrichment: Enrichment,
-    pub readiness: Readiness,
-    pub metrics: Arc<Metrics>,
-    pub gauges: Gauges,
-    /// Serve the `/api` and `/users` routes (role `api`); otherwise only operational ones.
-    pub serve_api: bool,
+pub struct Stack {
     /// Rate limits, CORS, TLS (`rate_limit.*`, `cors.*`, `server.tls.*`).
     pub hardening: Hardening,
     /// Who may call the protected routes (see [`auth::required_access`]).
     pub auth: Arc<auth::Authentication>,
+    /// RED metrics of every request.
+    pub metrics: Arc<Metrics>,
 }
 
-/// Starts the HTTP server on `listener` (not yet awaited), over TLS when configured.
-pub fn serve(
+/// Starts the HTTP server on `listener` (not yet awaited), over TLS when configured,
+/// serving the routes `routes` registers behind the middleware stack.
+pub fn serve<F>(
     listener: TcpListener,
-    state: HttpState,
+    stack: Stack,
     settings: &ServerSettings,
-) -> std::io::Result<actix_web::dev::Server> {
+    routes: F,
+) -> std::io::Result<actix_web::dev::Server>
+where
+    F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+{
     let body_limit = settings.body_limit_bytes;
-    let tls = state.hardening.tls().cloned();
+    let tls = stack.hardening.tls().cloned();
     let server = HttpServer::new(move || {
         let json = web::JsonConfig::default()
             .limit(body_limit)
@@ -82,14 +60,14 @@ pub fn serve(
                 .detail(format!("The query string is malformed: {err}"));
             actix_web::error::InternalError::from_response(err, problem.response()).into()
         });
-        let security = state.hardening.clone();
+        let security = stack.hardening.clone();
         let limiter = security.rate_limiter.clone();
         // The last `.wrap` runs first. From the outside in: request log and id; security
         // headers and problem+json for every answer; CORS (preflights end there);
         // authentication, which identifies the caller or notes why it is refused; rate
         // limiting, keyed by the subject or the IP, so refused requests count too; then
         // the refusal (401/403), if any.
-        let mut app = App::new()
+        App::new()
             .wrap(ErrorHandlers::new().default_handler(problem::problem_for_plain_errors))
             .wrap(from_fn(auth::enforce))
             .wrap(from_fn(move |req, next| {
@@ -101,26 +79,13 @@ pub fn serve(
                 hardening::finish_responses(security.clone(), req, next)
             }))
             .wrap(from_fn(request_id::request_context))
-            .app_data(web::Data::from(state.auth.clone()))
+            .app_data(web::Data::from(stack.auth.clone()))
+            .app_data(web::Data::from(stack.metrics.clone()))
             .app_data(json)
             .app_data(query)
             .app_data(web::PayloadConfig::default().limit(body_limit))
-            .app_data(web::Data::new(state.readiness.clone()))
-            .app_data(web::Data::from(state.metrics.clone()))
-            .app_data(web::Data::new(state.gauges.clone()))
-            .configure(health::configure)
-            .configure(openapi::configure);
-        if state.serve_api {
-            app = app
-                .app_data(web::Data::new(state.users.clone()))
-                .app_data(web::Data::new(state.enrichment.clone()))
-                .configure(users::configure)
-                .configure(enrichment::configure)
-                .configure(profile_view::configure)
-                .app_data(admin::data(state.readiness.bus.clone()))
-                .configure(admin::configure);
-        }
-        app.default_service(web::to(not_found))
+            .configure(routes.clone())
+            .default_service(web::to(not_found))
     })
     .disable_signals()
     .shutdown_timeout(settings.shutdown_timeout_secs)

@@ -1,0 +1,54 @@
+//! The composition: which routes the service has, built from the modules' public
+//! facades. Each module registers its own routes; this adds what belongs to no single
+//! module: health and metrics, the OpenAPI document, the dead-letter admin, and the
+//! combined profile view. `startup` builds the [`Routes`]; `web::serve` serves them.
+//!
+//! Arrows run one way: startup -> app -> modules -> web.
+
+mod admin;
+mod health;
+mod openapi;
+mod profile_view;
+
+use std::sync::Arc;
+
+use actix_web::web;
+
+pub use health::{Gauges, Readiness};
+pub use openapi::ApiDoc;
+
+use crate::bus::EventBus;
+use crate::enrichment::{self, Enrichment};
+use crate::users::{self, Users};
+
+/// Everything the routes serve from.
+#[derive(Clone)]
+pub struct Routes {
+    pub users: Users,
+    pub enrichment: Enrichment,
+    pub bus: Arc<dyn EventBus>,
+    pub readiness: Readiness,
+    pub gauges: Gauges,
+    /// Serve the `/api`, `/users` and `/admin` routes (role `api`); otherwise only the
+    /// operational ones (health, metrics, docs).
+    pub serve_api: bool,
+}
+
+impl Routes {
+    /// Registers every route and what it needs; for [`crate::web::serve`].
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        cfg.app_data(web::Data::new(self.readiness.clone()))
+            .app_data(web::Data::new(self.gauges.clone()))
+            .configure(health::configure)
+            .configure(openapi::configure);
+        if self.serve_api {
+            cfg.app_data(web::Data::new(self.users.clone()))
+                .app_data(web::Data::new(self.enrichment.clone()))
+                .app_data(web::Data::from(self.bus.clone()))
+                .configure(users::configure)
+                .configure(enrichment::configure)
+                .configure(profile_view::configure)
+                .configure(admin::configure);
+        }
+    }
+}
