@@ -1,0 +1,266 @@
+//! Consuming: one consumer per work queue, resumed on every new link; each delivery is
+//! handled and settled (ack, a retry copy, or a dead-letter copy), every copy confirmed
+//! before the original is acknowledged.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::codec::{
+    Incoming, copy_headers, copy_properties, rfc3339, string_value, transport, truncate,
+};
+use super::link::{Link, ack, close_channel, io, unavailable};
+use super::topology::QueueTopology;
+use super::{MAX_ERROR_BYTES, PREFETCH, RabbitBus, millis, reconnect_backoff};
+use crate::bus::{Binding, BusError, EventHandler, HandlerError, Outcome, headers};
+
+impl RabbitBus {
+    /// Delivers messages of `binding` to `handler` until `shutdown` or the bus stops,
+    /// resuming on every new link.
+    pub(super) async fn consume_binding(
+        &self,
+        binding: &Binding,
+        handler: Arc<dyn EventHandler>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(queue) = self.shared.topology.queue(binding) else {
+            tracing::error!(
+                queue = binding.queue,
+                "not consuming: the binding was not given to the bus"
+            );
+            return;
+        };
+        tracing::info!(queue = binding.queue, "consumer started");
+        let backoff = reconnect_backoff();
+        let mut links = self.shared.link.subscribe();
+        let mut failures = 0u32;
+        let mut failed_generation = 0u64;
+        loop {
+            let link = tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.shared.stop.cancelled() => break,
+                link = links.wait_for(|link| link.as_ref().is_some_and(|l| l.is_open())) => {
+                    match link.ok().and_then(|link| link.clone()) {
+                        Some(link) => link,
+                        None => break,
+                    }
+                }
+            };
+            if link.generation != failed_generation {
+                failures = 0; // a new connection gets a fresh start
+            }
+            match self
+                .consume_on(&link, queue, handler.as_ref(), &shutdown, &mut failures)
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => {
+                    failed_generation = link.generation;
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(queue = binding.queue, %error, "consumer interrupted; resuming");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.shared.stop.cancelled() => break,
+                () = tokio::time::sleep(backoff.delay(failures.max(1))) => {}
+            }
+        }
+        tracing::info!(queue = binding.queue, "consumer stopped");
+    }
+
+    /// Delivers messages of one work queue until `shutdown` or the bus stops.
+    /// Returns `Ok(())` on shutdown, an error when the channel or the link broke.
+    async fn consume_on(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        handler: &dyn EventHandler,
+        shutdown: &CancellationToken,
+        failures: &mut u32,
+    ) -> Result<(), BusError> {
+        let channel = io("opening a channel", link.connection.create_channel()).await?;
+        let result = async {
+            // Declaring again is cheap and recreates a queue deleted under a live link.
+            io(
+                "declaring the queue",
+                self.shared.topology.declare_queue(&channel, queue),
+            )
+            .await?;
+            io(
+                "setting the prefetch",
+                channel.basic_qos(PREFETCH, BasicQosOptions::default()),
+            )
+            .await?;
+            let mut consumer = io(
+                "starting the consumer",
+                channel.basic_consume(
+                    queue.work.clone(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            tracing::info!(queue = %queue.work, "consuming");
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = self.shared.stop.cancelled() => return Ok(()),
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        self.process(link, queue, handler, delivery).await?;
+                        // Only a settled message proves the broker is healthy again: a
+                        // message that cannot be settled must not come back in a tight loop.
+                        *failures = 0;
+                    }
+                    Some(Err(error)) => return Err(unavailable(error)),
+                    None => return Err(unavailable("the broker cancelled the consumer")),
+                }
+            }
+        }
+        .await;
+        // Closing the channel hands prefetched, unacknowledged messages back to the queue.
+        close_channel(&channel).await;
+        result
+    }
+
+    /// Handles one delivery and settles it: ack, retry copy then ack, or dead-letter
+    /// copy then ack. An error leaves the delivery unacknowledged (it comes back).
+    async fn process(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        handler: &dyn EventHandler,
+        delivery: Delivery,
+    ) -> Result<Outcome, BusError> {
+        let incoming = Incoming::decode(
+            delivery.routing_key.as_str(),
+            &delivery.properties,
+            &delivery.data,
+        );
+        let span = tracing::info_span!(
+            "message",
+            queue = queue.binding.queue,
+            message_id = %incoming.envelope.id,
+            routing_key = %incoming.envelope.routing_key,
+            request_id = incoming.envelope.header(headers::REQUEST_ID).unwrap_or("-"),
+            attempt = incoming.attempt,
+        );
+        self.settle(link, queue, handler, &delivery, incoming)
+            .instrument(span)
+            .await
+    }
+
+    async fn settle(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        handler: &dyn EventHandler,
+        delivery: &Delivery,
+        incoming: Incoming,
+    ) -> Result<Outcome, BusError> {
+        let policy = &self.shared.policy;
+        let Incoming {
+            envelope,
+            attempt,
+            problem,
+        } = incoming;
+        let result = match problem {
+            Some(problem) => Err(HandlerError::Permanent(problem)),
+            None => tokio::time::timeout(policy.handler_timeout, handler.handle(&envelope))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HandlerError::Transient(format!(
+                        "handler timed out after {:?}",
+                        policy.handler_timeout
+                    )))
+                }),
+        };
+        let error = match result {
+            Ok(()) => {
+                ack(delivery).await?;
+                tracing::debug!("message acknowledged");
+                return Ok(Outcome::Acked);
+            }
+            Err(HandlerError::Permanent(error)) => {
+                tracing::warn!(%error, "message cannot be processed; dead-lettering it");
+                error
+            }
+            Err(HandlerError::Transient(error)) if attempt < policy.max_attempts => {
+                let delay = policy.backoff.ceiling(attempt);
+                let retry_queue = queue.retries.get(&millis(delay).max(1)).ok_or_else(|| {
+                    BusError::Corrupt(format!("no retry queue for a delay of {delay:?}"))
+                })?;
+                let mut table = copy_headers(&delivery.properties);
+                table.insert(
+                    transport::ATTEMPTS.into(),
+                    AMQPValue::LongLongInt(i64::from(attempt) + 1),
+                );
+                table.insert(
+                    transport::ORIGINAL_ROUTING_KEY.into(),
+                    string_value(&envelope.routing_key),
+                );
+                let properties = copy_properties(&delivery.properties, &envelope, table);
+                self.shared
+                    .publish_confirmed(
+                        link,
+                        &ShortString::from(""),
+                        retry_queue.clone(),
+                        &delivery.data,
+                        properties,
+                        true,
+                    )
+                    .await?;
+                ack(delivery).await?;
+                tracing::warn!(%error, retry_in_ms = millis(delay), "delivery failed; will retry");
+                return Ok(Outcome::Retried { attempt, delay });
+            }
+            Err(HandlerError::Transient(error)) => {
+                tracing::error!(%error, "delivery failed on the last attempt; dead-lettering it");
+                error
+            }
+        };
+        let mut table = copy_headers(&delivery.properties);
+        table.insert(
+            transport::ERROR.into(),
+            string_value(truncate(&error, MAX_ERROR_BYTES)),
+        );
+        table.insert(
+            transport::ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(attempt)),
+        );
+        table.insert(
+            transport::ORIGINAL_ROUTING_KEY.into(),
+            string_value(&envelope.routing_key),
+        );
+        table.insert(
+            transport::ORIGINAL_QUEUE.into(),
+            string_value(queue.binding.queue),
+        );
+        table.insert(transport::DEAD_AT.into(), string_value(rfc3339(Utc::now())));
+        let properties = copy_properties(&delivery.properties, &envelope, table);
+        self.shared
+            .publish_confirmed(
+                link,
+                &self.shared.topology.dlx,
+                queue.work.clone(),
+                &delivery.data,
+                properties,
+                true,
+            )
+            .await?;
+        ack(delivery).await?;
+        handler.on_dead_letter(&envelope, &error).await;
+        Ok(Outcome::DeadLettered { attempt })
+    }
+}

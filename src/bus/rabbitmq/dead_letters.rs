@@ -1,0 +1,192 @@
+//! Dead letters on the broker: listing them from the DLQs without losing any, and
+//! replaying one onto the work queue it failed on.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::BasicGetOptions;
+use lapin::types::ShortString;
+use uuid::Uuid;
+
+use super::codec::{
+    copy_headers, envelope_headers, header_text, header_u32, seconds, string_value, transport,
+    without,
+};
+use super::link::{Link, ack, close_channel, io};
+use super::topology::QueueTopology;
+use super::{PERSISTENT, RabbitBus};
+use crate::bus::{BusError, DeadLetter};
+
+impl RabbitBus {
+    /// Dead letters of every DLQ, oldest first, at most `limit`, after the one `after`.
+    pub(super) async fn list_dead_letters(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut letters = Vec::new();
+        if limit == 0 {
+            return Ok(letters);
+        }
+        let mut scan = self.scan_dead_letters().await?;
+        let mut skipping = after.is_some();
+        let result = async {
+            while letters.len() < limit {
+                let Some((queue, delivery)) = scan.next().await? else {
+                    break;
+                };
+                let letter = dead_letter(queue, &delivery);
+                if skipping {
+                    skipping = after != Some(letter.id.as_str());
+                    continue;
+                }
+                letters.push(letter);
+            }
+            Ok(())
+        }
+        .await;
+        scan.finish().await;
+        result.map(|()| letters)
+    }
+
+    /// Replays the dead letter `id`; `Ok(false)` when no DLQ holds it.
+    pub(super) async fn replay_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        let mut scan = self.scan_dead_letters().await?;
+        let result = async {
+            while let Some((queue, delivery)) = scan.next().await? {
+                let letter = dead_letter(queue, &delivery);
+                if letter.id == id {
+                    self.replay_one(&scan.link, queue, &delivery, &letter)
+                        .await?;
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        .await;
+        scan.finish().await;
+        result
+    }
+
+    /// Puts a dead letter back onto the queue it failed on (not onto every binding of
+    /// its routing key) as a fresh message: attempts and error are gone.
+    pub(super) async fn replay_one(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<(), BusError> {
+        let mut table = copy_headers(&delivery.properties);
+        for key in [
+            transport::ATTEMPTS,
+            transport::ERROR,
+            transport::ORIGINAL_QUEUE,
+            transport::DEAD_AT,
+        ] {
+            table = without(table, key);
+        }
+        table.insert(
+            transport::ORIGINAL_ROUTING_KEY.into(),
+            string_value(&letter.routing_key),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(table);
+        self.shared
+            .publish_confirmed(
+                link,
+                &ShortString::from(""),
+                queue.work.clone(),
+                &delivery.data,
+                properties,
+                true,
+            )
+            .await?;
+        ack(delivery).await?;
+        tracing::info!(dead_letter = %letter.id, queue = %queue.work, "dead letter replayed");
+        Ok(())
+    }
+
+    /// Starts a walk over the dead-letter queues on a channel of its own.
+    pub(super) async fn scan_dead_letters(&self) -> Result<DeadLetterScan<'_>, BusError> {
+        let link = self.shared.current()?;
+        let channel = io("opening a channel", link.connection.create_channel()).await?;
+        Ok(DeadLetterScan {
+            queues: self.shared.topology.distinct_queues().collect(),
+            next_queue: 0,
+            link,
+            channel,
+        })
+    }
+}
+
+/// A walk over the dead-letter queues with unacknowledged gets. Closing its channel
+/// ([`DeadLetterScan::finish`]) makes the broker put every message not explicitly
+/// acknowledged back where it was, so listing loses nothing.
+pub(super) struct DeadLetterScan<'a> {
+    pub(super) queues: Vec<&'a QueueTopology>,
+    pub(super) next_queue: usize,
+    pub(super) link: Arc<Link>,
+    pub(super) channel: Channel,
+}
+
+impl<'a> DeadLetterScan<'a> {
+    pub(super) async fn next(&mut self) -> Result<Option<(&'a QueueTopology, Delivery)>, BusError> {
+        while let Some(queue) = self.queues.get(self.next_queue).copied() {
+            let got = io(
+                "reading the dead letters",
+                self.channel
+                    .basic_get(queue.dlq.clone(), BasicGetOptions { no_ack: false }),
+            )
+            .await?;
+            match got {
+                Some(message) => return Ok(Some((queue, message.delivery))),
+                None => self.next_queue += 1,
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) async fn finish(self) {
+        close_channel(&self.channel).await;
+    }
+}
+
+pub(super) fn dead_letter(queue: &QueueTopology, delivery: &Delivery) -> DeadLetter {
+    let properties = &delivery.properties;
+    let table = properties.headers().as_ref();
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    let error = header_text(table, transport::ERROR).unwrap_or_else(|| {
+        match header_text(table, transport::FIRST_DEATH_REASON) {
+            Some(reason) => format!("dead-lettered by the broker ({reason})"),
+            None => "unknown".to_owned(),
+        }
+    });
+    DeadLetter {
+        message_id: id.parse().unwrap_or(Uuid::nil()),
+        id,
+        queue: header_text(table, transport::ORIGINAL_QUEUE)
+            .unwrap_or_else(|| queue.binding.queue.to_owned()),
+        routing_key: header_text(table, transport::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| queue.binding.routing_key.to_owned()),
+        payload: String::from_utf8_lossy(&delivery.data).into_owned(),
+        headers: envelope_headers(table),
+        attempts: header_u32(table, transport::ATTEMPTS).unwrap_or(1),
+        error,
+        dead_at: header_text(table, transport::DEAD_AT)
+            .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+            .map(|at| at.with_timezone(&Utc))
+            .or_else(|| seconds(*properties.timestamp()))
+            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+    }
+}
