@@ -1,12 +1,21 @@
-//! Relational connection pools and migrations.
+//! Relational connection pools, migrations, and what lets one SQL text serve both
+//! dialects: [`with_pool!`] and [`with_tx!`] to run it on whichever backend is
+//! configured, and [`DbUuid`] for the one column type they store differently.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
 use sqlx::migrate::MigrateError;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous, SqliteTypeInfo,
+    SqliteValueRef,
+};
+use sqlx::types::uuid::fmt::Hyphenated;
+use sqlx::{Decode, Encode, PgPool, Postgres, Sqlite, SqlitePool, Transaction, Type};
+use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
 
@@ -46,10 +55,97 @@ impl Database {
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        crate::with_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))
+    }
+
+    /// Starts a transaction on whichever pool this is; run statements in it with
+    /// [`with_tx!`].
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Self::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+            Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+}
+
+/// A transaction of either dialect.
+#[derive(Debug)]
+pub enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
-            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
-            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Sqlite(tx) => tx.commit().await,
+            Self::Postgres(tx) => tx.commit().await,
         }
+    }
+}
+
+/// A uuid as each dialect stores it: hyphenated text in SQLite (which has no uuid
+/// type; text keeps it readable and ordered like the uuid), the native `uuid` in
+/// PostgreSQL. Bind it and read it into it, and one SQL text serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DbUuid(pub Uuid);
+
+impl From<DbUuid> for Uuid {
+    fn from(value: DbUuid) -> Self {
+        value.0
+    }
+}
+
+impl Type<Sqlite> for DbUuid {
+    fn type_info() -> SqliteTypeInfo {
+        <Hyphenated as Type<Sqlite>>::type_info()
+    }
+
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <Hyphenated as Type<Sqlite>>::compatible(ty)
+    }
+}
+
+impl Encode<'_, Sqlite> for DbUuid {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Sqlite as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        <Hyphenated as Encode<Sqlite>>::encode_by_ref(&self.0.hyphenated(), buf)
+    }
+}
+
+impl Decode<'_, Sqlite> for DbUuid {
+    fn decode(value: SqliteValueRef<'_>) -> Result<Self, BoxDynError> {
+        <Hyphenated as Decode<Sqlite>>::decode(value).map(|uuid| Self(uuid.into_uuid()))
+    }
+}
+
+impl Type<Postgres> for DbUuid {
+    fn type_info() -> PgTypeInfo {
+        <Uuid as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <Uuid as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl Encode<'_, Postgres> for DbUuid {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        <Uuid as Encode<Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl Decode<'_, Postgres> for DbUuid {
+    fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
+        <Uuid as Decode<Postgres>>::decode(value).map(Self)
     }
 }
 
@@ -90,13 +186,25 @@ pub async fn connect_sqlite(url: &str, settings: &DatabaseSettings) -> anyhow::R
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds, for SQL written once
 /// for both dialects (`$N` placeholders, which sqlx also binds by number on SQLite, and
-/// portable column types). The body is compiled once per backend.
+/// portable column types such as [`DbUuid`]). The body is compiled once per backend.
 #[macro_export]
 macro_rules! with_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
             $crate::db::Database::Sqlite($pool) => $body,
             $crate::db::Database::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Like [`with_pool!`], inside a [`Tx`]: `$conn` is the transaction's connection
+/// (`&mut **$conn` executes on it).
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, |$conn:ident| $body:expr) => {
+        match $tx {
+            $crate::db::Tx::Sqlite($conn) => $body,
+            $crate::db::Tx::Postgres($conn) => $body,
         }
     };
 }

@@ -20,7 +20,7 @@ use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, Sqlit
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
-use crate::users::{PgUserRepository, SqliteUserRepository, UserRepository, Users};
+use crate::users::{SqlUserRepository, Users};
 use crate::web::auth::Authentication;
 use crate::web::{self, Hardening, Stack};
 
@@ -113,10 +113,7 @@ impl Application {
         }
 
         let signal = OutboxSignal::default();
-        let repository: Arc<dyn UserRepository> = match &database {
-            Database::Sqlite(pool) => Arc::new(SqliteUserRepository::new(pool.clone())),
-            Database::Postgres(pool) => Arc::new(PgUserRepository::new(pool.clone())),
-        };
+        let repository = Arc::new(SqlUserRepository::new(database.clone()));
         let users = Users::new(repository, signal.clone(), cache.clone());
         let enrichment = Enrichment::new(store, cache.clone());
         let relay = Arc::new(OutboxRelay::new(

@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
-use sqlx::types::uuid::fmt::Hyphenated;
-use sqlx::{PgConnection, SqliteConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Envelope, EventBus};
-use crate::db::Database;
+use crate::db::{Database, DbUuid, Tx};
 use crate::resilience::Backoff;
+use crate::with_tx;
 
 /// PostgreSQL channel notified by every commit that wrote outbox rows, so relays in
 /// other processes wake at once.
@@ -34,83 +33,45 @@ impl OutboxSignal {
     }
 }
 
-fn headers_json(envelope: &Envelope) -> sqlx::Result<String> {
-    serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))
-}
-
-/// Adds `envelope` to the outbox inside the caller's PostgreSQL transaction, and
-/// notifies waiting relays when that transaction commits.
-pub async fn enqueue_postgres(conn: &mut PgConnection, envelope: &Envelope) -> sqlx::Result<()> {
-    sqlx::query(
+/// Adds `envelope` to the outbox inside the caller's transaction. On PostgreSQL a
+/// trigger notifies the relays of other processes when that transaction commits.
+pub async fn enqueue(tx: &mut Tx, envelope: &Envelope) -> sqlx::Result<()> {
+    let headers =
+        serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    with_tx!(tx, |conn| sqlx::query(
         "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at)
          VALUES ($1, $2, $3, $4, $5)",
     )
-    .bind(envelope.id)
+    .bind(DbUuid(envelope.id))
     .bind(&envelope.routing_key)
     .bind(&envelope.payload)
-    .bind(headers_json(envelope)?)
+    .bind(&headers)
     .bind(envelope.occurred_at)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Adds `envelope` to the outbox inside the caller's SQLite transaction.
-pub async fn enqueue(conn: &mut SqliteConnection, envelope: &Envelope) -> sqlx::Result<()> {
-    let headers =
-        serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(
-        "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .bind(envelope.id.hyphenated())
-    .bind(&envelope.routing_key)
-    .bind(&envelope.payload)
-    .bind(headers)
-    .bind(envelope.occurred_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .execute(&mut **conn)
+    .await
+    .map(drop))
 }
 
 #[derive(sqlx::FromRow)]
 struct OutboxRow {
     id: i64,
-    event_id: Hyphenated,
+    event_id: DbUuid,
     routing_key: String,
     payload: String,
     headers: String,
     occurred_at: DateTime<Utc>,
 }
 
-#[derive(sqlx::FromRow)]
-struct PgOutboxRow {
-    id: i64,
-    event_id: uuid::Uuid,
-    routing_key: String,
-    payload: String,
-    headers: String,
-    occurred_at: DateTime<Utc>,
-}
-
-fn envelope_of(
-    event_id: uuid::Uuid,
-    routing_key: String,
-    payload: String,
-    headers: &str,
-    occurred_at: DateTime<Utc>,
-) -> Envelope {
-    Envelope {
-        id: event_id,
-        routing_key,
-        payload,
-        // A row we wrote ourselves; unreadable headers only lose correlation.
-        headers: serde_json::from_str(headers).unwrap_or_default(),
-        occurred_at,
+impl OutboxRow {
+    fn into_envelope(self) -> Envelope {
+        Envelope {
+            id: self.event_id.into(),
+            routing_key: self.routing_key,
+            payload: self.payload,
+            // A row we wrote ourselves; unreadable headers only lose correlation.
+            headers: serde_json::from_str(&self.headers).unwrap_or_default(),
+            occurred_at: self.occurred_at,
+        }
     }
 }
 
@@ -185,20 +146,14 @@ impl OutboxRelay {
         .await?;
         let mut sent = 0;
         for row in rows {
-            let envelope = envelope_of(
-                row.event_id.into_uuid(),
-                row.routing_key,
-                row.payload,
-                &row.headers,
-                row.occurred_at,
-            );
-            self.publish(&envelope).await?;
+            let id = row.id;
+            self.publish(&row.into_envelope()).await?;
             sqlx::query(
                 "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
                   WHERE id = ?1",
             )
-            .bind(row.id)
+            .bind(id)
             .execute(pool)
             .await?;
             sent += 1;
@@ -212,7 +167,7 @@ impl OutboxRelay {
     /// fails.
     async fn relay_batch_postgres(&self, pool: &sqlx::PgPool) -> Result<usize, RelayError> {
         let mut tx = pool.begin().await?;
-        let rows: Vec<PgOutboxRow> = sqlx::query_as(
+        let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, event_id, routing_key, payload, headers, occurred_at
                FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1
                 FOR UPDATE SKIP LOCKED",
@@ -223,19 +178,13 @@ impl OutboxRelay {
         let mut sent = 0;
         let mut failure = None;
         for row in rows {
-            let envelope = envelope_of(
-                row.event_id,
-                row.routing_key,
-                row.payload,
-                &row.headers,
-                row.occurred_at,
-            );
-            if let Err(error) = self.publish(&envelope).await {
+            let id = row.id;
+            if let Err(error) = self.publish(&row.into_envelope()).await {
                 failure = Some(error);
                 break;
             }
             sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = $1")
-                .bind(row.id)
+                .bind(id)
                 .execute(&mut *tx)
                 .await?;
             sent += 1;

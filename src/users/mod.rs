@@ -2,9 +2,9 @@
 //! `user.created` event through the outbox. Knows nothing of enrichment.
 
 mod domain;
-mod postgres;
 mod repository;
 pub(crate) mod routes;
+mod sql;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,9 +12,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use domain::{Email, NewUser, UserName, mask_email};
-pub use postgres::PgUserRepository;
-pub use repository::{CreateUserError, ListQuery, SqliteUserRepository, User, UserRepository};
+pub use repository::{CreateUserError, ListQuery, User, UserRepository};
 pub use routes::{CreateUserRequest, UserResponse, configure};
+pub use sql::SqlUserRepository;
 
 use crate::bus::headers;
 use crate::cache::{self, Cache};

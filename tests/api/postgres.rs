@@ -12,7 +12,7 @@ use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandl
 use userhub::config::Settings;
 use userhub::db::Database;
 use userhub::outbox::{OutboxRelay, OutboxSignal};
-use userhub::users::{Email, NewUser, PgUserRepository, UserName, UserRepository};
+use userhub::users::{Email, NewUser, SqlUserRepository, UserName, UserRepository};
 
 use crate::helpers::{DEADLINE, PgTestDatabase};
 use crate::services::{POSTGRES, service_url};
@@ -65,7 +65,7 @@ async fn migrated(test_db: &PgTestDatabase) -> (Database, sqlx::PgPool) {
 }
 
 async fn create_users(pool: &sqlx::PgPool, range: std::ops::Range<usize>) {
-    let repository = PgUserRepository::new(pool.clone());
+    let repository = SqlUserRepository::new(Database::Postgres(pool.clone()));
     for i in range {
         let user = NewUser {
             name: UserName::parse(&format!("Person {i}")).unwrap(),
