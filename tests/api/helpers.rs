@@ -37,6 +37,21 @@ pub fn init_tracing() {
 /// How long asynchronous effects may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Polls `check` until it gives a value, failing the test after [`DEADLINE`].
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: not after {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An HTTP client bound to one running app, with typed request helpers.
 pub struct Api {
     pub address: String,

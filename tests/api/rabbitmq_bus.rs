@@ -21,7 +21,7 @@ use userhub::bus::{
 use userhub::enrichment::BINDING;
 use userhub::resilience::Backoff;
 
-use crate::helpers::{DEADLINE, init_tracing};
+use crate::helpers::{DEADLINE, eventually, init_tracing};
 use crate::services::{self, AMQP};
 
 /// Tiny backoff: retry 1 waits 20 ms in its TTL queue, retry 2 waits 40 ms.
@@ -99,21 +99,6 @@ async fn connected_bus(url: &str, prefix: &str) -> Arc<RabbitBus> {
 async fn remove(bus: Arc<RabbitBus>) {
     bus.delete_topology().await.expect("topology deleted");
     bus.close().await;
-}
-
-/// Polls `check` until it gives a value, failing the test after [`DEADLINE`].
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{what}: not after {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn envelope(payload: &str) -> Envelope {
