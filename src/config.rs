@@ -148,6 +148,9 @@ pub struct AuthSettings {
     pub jwks_url: String,
     /// An unknown `kid` re-fetches the JWKS at most once per this many seconds.
     pub jwks_min_refresh_secs: u64,
+    /// The key set is re-fetched once it is older than this, so a key the provider
+    /// withdrew stops verifying.
+    pub jwks_max_age_secs: u64,
     /// Longest a JWKS fetch may take.
     pub jwks_timeout_ms: u64,
     /// Required `iss` of every token.
@@ -325,6 +328,7 @@ mod tests {
             hs256_secret_file: file.to_owned(),
             jwks_url: " ".into(),
             jwks_min_refresh_secs: 60,
+            jwks_max_age_secs: 3600,
             jwks_timeout_ms: 5000,
             issuer: "i".into(),
             audience: "a".into(),

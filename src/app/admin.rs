@@ -13,11 +13,8 @@ const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/dead-letters", web::get().to(list_dead_letters))
-        .route(
-            "/admin/dead-letters/{id}/replay",
-            web::post().to(replay_dead_letter),
-        );
+    cfg.service(web::resource("/admin/dead-letters").get(list_dead_letters))
+        .service(web::resource("/admin/dead-letters/{id}/replay").post(replay_dead_letter));
 }
 
 impl From<BusError> for ApiError {

@@ -19,10 +19,11 @@ use crate::users::Users;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Resources, not bare routes, so another method gets 405 with `Allow`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
-        .route("/health/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics));
+    cfg.service(web::resource("/health").get(health))
+        .service(web::resource("/health/ready").get(ready))
+        .service(web::resource("/metrics").get(metrics));
 }
 
 /// What `/metrics` reads at scrape time, besides the counters.

@@ -1,12 +1,12 @@
 //! HTTPS: the rustls server configuration from `server.tls.cert_path` and `key_path`.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use rustls::ServerConfig;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsSettings;
 
@@ -21,23 +21,22 @@ pub fn server_config(settings: &TlsSettings) -> anyhow::Result<Option<ServerConf
 }
 
 fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<ServerConfig> {
-    let certs = rustls_pemfile::certs(&mut open("server.tls.cert_path", cert_path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("server.tls.cert_path {}: invalid PEM", cert_path.display()))?;
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| pem_error("server.tls.cert_path", cert_path, error))?;
     if certs.is_empty() {
         bail!(
             "server.tls.cert_path {}: no PEM certificate in the file",
             cert_path.display()
         );
     }
-    let key = rustls_pemfile::private_key(&mut open("server.tls.key_path", key_path)?)
-        .with_context(|| format!("server.tls.key_path {}: invalid PEM", key_path.display()))?
-        .ok_or_else(|| {
-            anyhow!(
-                "server.tls.key_path {}: no PEM private key in the file",
-                key_path.display()
-            )
-        })?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| match error {
+        pem::Error::NoItemsFound => anyhow::anyhow!(
+            "server.tls.key_path {}: no PEM private key in the file",
+            key_path.display()
+        ),
+        other => pem_error("server.tls.key_path", key_path, other),
+    })?;
     // The provider is named here rather than taken from the process default, so serving
     // TLS does not depend on `install_crypto_provider` having run first.
     ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -54,8 +53,12 @@ fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<ServerConfig> {
         })
 }
 
-fn open(setting: &str, path: &Path) -> anyhow::Result<BufReader<File>> {
-    File::open(path)
-        .map(BufReader::new)
-        .with_context(|| format!("cannot read {setting} {}", path.display()))
+/// Names the setting and the file: "cannot read" for I/O errors, "invalid PEM" else.
+fn pem_error(setting: &str, path: &Path, error: pem::Error) -> anyhow::Error {
+    match error {
+        pem::Error::Io(error) => {
+            anyhow::Error::from(error).context(format!("cannot read {setting} {}", path.display()))
+        }
+        other => anyhow::anyhow!("{setting} {}: invalid PEM: {other}", path.display()),
+    }
 }

@@ -224,16 +224,16 @@ fn jwk_set(keys: &[&TestKey]) -> Value {
 /// A test OIDC provider's JWKS endpoint whose key set the test can swap (rotation).
 struct TestJwks {
     server: MockServer,
-    answer: Arc<Mutex<(Value, Duration)>>,
+    answer: Arc<Mutex<(Value, Duration, u16)>>,
 }
 
-/// Answers with the current key set after the current delay.
-struct ServeKeys(Arc<Mutex<(Value, Duration)>>);
+/// Answers with the current key set after the current delay, with the current status.
+struct ServeKeys(Arc<Mutex<(Value, Duration, u16)>>);
 
 impl Respond for ServeKeys {
     fn respond(&self, _: &Request) -> ResponseTemplate {
-        let (keys, delay) = self.0.lock().unwrap().clone();
-        ResponseTemplate::new(200)
+        let (keys, delay, status) = self.0.lock().unwrap().clone();
+        ResponseTemplate::new(status)
             .set_body_json(keys)
             .set_delay(delay)
     }
@@ -242,7 +242,7 @@ impl Respond for ServeKeys {
 impl TestJwks {
     async fn serving(keys: &[&TestKey]) -> Self {
         let server = MockServer::start().await;
-        let answer = Arc::new(Mutex::new((jwk_set(keys), Duration::ZERO)));
+        let answer = Arc::new(Mutex::new((jwk_set(keys), Duration::ZERO, 200)));
         Mock::given(wiremock::matchers::method("GET"))
             .and(wiremock::matchers::path("/certs"))
             .respond_with(ServeKeys(answer.clone()))
@@ -258,6 +258,11 @@ impl TestJwks {
     /// Publishes another key set (the provider rotated its keys).
     fn publish(&self, keys: &[&TestKey]) {
         self.answer.lock().unwrap().0 = jwk_set(keys);
+    }
+
+    /// Makes every later answer carry `status` (an outage of the provider).
+    fn answer_with_status(&self, status: u16) {
+        self.answer.lock().unwrap().2 = status;
     }
 
     /// Makes every later answer take `delay`.
@@ -962,6 +967,33 @@ async fn a_rotated_key_is_picked_up_without_a_restart() {
     );
     // The provider dropped the old key: its tokens stop working.
     assert_invalid_token(&app, &old.sign(&claims)).await;
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_stops_verifying_once_the_key_set_is_older_than_its_max_age() {
+    let withdrawn = TestKey::rsa("rsa-a", "withdrawn");
+    let kept = TestKey::ec("kept");
+    let jwks = TestJwks::serving(&[&withdrawn, &kept]).await;
+    // A maximum age of zero: every verification finds the set stale and re-fetches.
+    let url = jwks.url();
+    let app = spawn_with(move |settings| {
+        settings.auth.jwks_url = url;
+        settings.auth.jwks_min_refresh_secs = 0;
+        settings.auth.jwks_max_age_secs = 0;
+    })
+    .await;
+    let claims = test_claims("oidc-user", &["users:read"]);
+    assert_accepted(&app, &withdrawn.sign(&claims)).await;
+
+    // The provider withdraws the key; no token names an unknown kid, yet the stale set
+    // is re-fetched and the withdrawn key's tokens stop verifying.
+    jwks.publish(&[&kept]);
+    assert_invalid_token(&app, &withdrawn.sign(&claims)).await;
+    assert_accepted(&app, &kept.sign(&claims)).await;
+
+    // The provider goes away: the last keys it served stay in use.
+    jwks.answer_with_status(503);
+    assert_accepted(&app, &kept.sign(&claims)).await;
 }
 
 #[tokio::test]

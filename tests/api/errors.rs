@@ -54,15 +54,34 @@ async fn an_unknown_route_is_404_problem() {
 }
 
 #[tokio::test]
-async fn a_wrong_method_is_405_problem_with_allow() {
+async fn a_wrong_method_is_405_problem_with_allow_on_every_route() {
     let app = spawn_app().await;
-    let response = app
-        .client
-        .delete(app.url("/api/users"))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(response, StatusCode::METHOD_NOT_ALLOWED).await;
+    let uuid = "01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d";
+    for (method, path, allowed) in [
+        ("DELETE", "/api/users".to_owned(), "GET"),
+        ("TRACE", "/health".to_owned(), "GET"),
+        ("POST", "/health/ready".to_owned(), "GET"),
+        ("PUT", "/metrics".to_owned(), "GET"),
+        ("PATCH", "/admin/dead-letters".to_owned(), "GET"),
+        ("GET", "/admin/dead-letters/1/replay".to_owned(), "POST"),
+        ("POST", format!("/users/enriched/{uuid}"), "GET"),
+        ("PUT", format!("/api/users/{uuid}/profile"), "GET"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = app
+            .client
+            .request(method.clone(), app.url(&path))
+            .send()
+            .await
+            .unwrap();
+        let allow = response.headers().get("allow").cloned();
+        assert_problem(response, StatusCode::METHOD_NOT_ALLOWED).await;
+        let allow = allow.unwrap_or_else(|| panic!("{method} {path}: no Allow header"));
+        assert!(
+            allow.to_str().unwrap().contains(allowed),
+            "{method} {path}: Allow {allow:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! An OIDC provider's signing keys (its JWKS): cached, and re-fetched (rate-limited)
-//! when a token names a key the cache does not hold, so key rotation needs no restart.
+//! when a token names a key the cache does not hold, so key rotation needs no restart,
+//! and once the cached set is older than its maximum age, so a key the provider
+//! withdrew stops verifying.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -23,11 +25,19 @@ struct SigningKey {
     key: Arc<DecodingKey>,
 }
 
+/// The cached key set and when it was fetched (`None`: never).
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<SigningKey>,
+    fetched_at: Option<Instant>,
+}
+
 pub struct JwksKeys {
     url: String,
     client: reqwest::Client,
     min_refresh: Duration,
-    keys: RwLock<Vec<SigningKey>>,
+    max_age: Duration,
+    keys: RwLock<KeySet>,
     /// When the last fetch started; held during a fetch, so concurrent requests
     /// naming an unknown key wait for one fetch instead of starting their own.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
@@ -36,7 +46,12 @@ pub struct JwksKeys {
 }
 
 impl JwksKeys {
-    pub fn new(url: &str, min_refresh: Duration, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        min_refresh: Duration,
+        max_age: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         // reqwest is built without a default rustls provider.
         crate::crypto::install_crypto_provider();
         let client = reqwest::Client::builder()
@@ -49,19 +64,27 @@ impl JwksKeys {
             url: url.to_owned(),
             client,
             min_refresh,
-            keys: RwLock::new(Vec::new()),
+            max_age,
+            keys: RwLock::new(KeySet::default()),
             last_fetch: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
         })
     }
 
     /// The key that verifies a token with this `kid` (or, without one, the only key for
-    /// `algorithm`). An unknown key re-fetches the JWKS, at most once per `min_refresh`.
+    /// `algorithm`). An unknown key, or a key set older than `max_age`, re-fetches the
+    /// JWKS, at most once per `min_refresh`. While the provider cannot be reached, the
+    /// keys of the last successful fetch stay in use (and a fetch is retried at that
+    /// pace): an outage of the provider must not lock every user out.
     pub async fn key_for(
         &self,
         kid: Option<&str>,
         algorithm: Algorithm,
     ) -> Result<Arc<DecodingKey>, TokenError> {
+        let seen = self.fetches.load(Ordering::Acquire);
+        if self.is_stale() {
+            self.refresh(seen).await;
+        }
         let seen = self.fetches.load(Ordering::Acquire);
         if let Some(key) = self.cached(kid, algorithm)? {
             return Ok(key);
@@ -75,7 +98,8 @@ impl JwksKeys {
         kid: Option<&str>,
         algorithm: Algorithm,
     ) -> Result<Option<Arc<DecodingKey>>, TokenError> {
-        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let set = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let keys = &set.keys;
         let candidates: Vec<&SigningKey> = match kid {
             Some(kid) => keys
                 .iter()
@@ -99,6 +123,12 @@ impl JwksKeys {
         }
     }
 
+    /// True when the cached set was fetched longer than `max_age` ago (or never).
+    fn is_stale(&self) -> bool {
+        let set = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        set.fetched_at.is_none_or(|at| at.elapsed() >= self.max_age)
+    }
+
     /// Re-fetches the key set unless a fetch completed since `seen` or the last one
     /// started less than `min_refresh` ago. A failed fetch keeps the cached keys.
     async fn refresh(&self, seen: u64) {
@@ -114,7 +144,10 @@ impl JwksKeys {
         match self.fetch().await {
             Ok(keys) => {
                 tracing::info!(url = %self.url, keys = keys.len(), "JWKS fetched");
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = KeySet {
+                    keys,
+                    fetched_at: Some(Instant::now()),
+                };
             }
             Err(error) => {
                 tracing::warn!(url = %self.url, error = format!("{error:#}"), "cannot fetch the JWKS");

@@ -146,6 +146,7 @@ impl TokenVerifier {
                 JwksKeys::new(
                     url,
                     Duration::from_secs(settings.jwks_min_refresh_secs),
+                    Duration::from_secs(settings.jwks_max_age_secs),
                     Duration::from_millis(settings.jwks_timeout_ms),
                 )
             })
