@@ -25,6 +25,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub cors: CorsSettings,
     pub auth: AuthSettings,
+    pub http: HttpSettings,
     /// The `APP_ENV` the settings were loaded for (`local`, `test`, `production`, …).
     #[serde(skip)]
     pub environment: String,
@@ -53,6 +54,14 @@ pub struct TlsSettings {
     pub cert_path: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_path: Option<PathBuf>,
+}
+
+/// `[http]`: HTTP semantics the API enforces.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    /// `PATCH`/`DELETE` without `If-Match` are refused with 428 (lost-update
+    /// protection every client must opt into).
+    pub require_if_match: bool,
 }
 
 /// Per-client request quotas (see `web::rate_limit`).

@@ -1,10 +1,12 @@
 //! Relational connection pools, migrations, and what lets one SQL text serve both
 //! dialects: [`with_pool!`] and [`with_tx!`] to run it on whichever backend is
-//! configured, and [`DbUuid`] for the one column type they store differently.
+//! configured, and [`DbUuid`] and [`DbTime`] for the column types they store
+//! differently.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::MigrateError;
@@ -61,11 +63,12 @@ impl Database {
             .map(drop))
     }
 
-    /// Starts a transaction on whichever pool this is; run statements in it with
-    /// [`with_tx!`].
+    /// Starts a write transaction on whichever pool this is; run statements in it with
+    /// [`with_tx!`]. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so a
+    /// transaction that reads before it writes never fails to upgrade its lock.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Self::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+            Self::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
@@ -84,6 +87,69 @@ impl Tx {
             Self::Sqlite(tx) => tx.commit().await,
             Self::Postgres(tx) => tx.commit().await,
         }
+    }
+}
+
+/// A timestamp as each dialect stores it: in SQLite the text the schema's defaults
+/// write (`2026-11-30T08:00:00.123Z`, so stored values compare as text in time order),
+/// `timestamptz` in PostgreSQL. Milliseconds, like every timestamp the database writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DbTime(pub DateTime<Utc>);
+
+impl DbTime {
+    pub fn now() -> Self {
+        Self(Utc::now().trunc_subsecs(3))
+    }
+}
+
+impl Type<Sqlite> for DbTime {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <DateTime<Utc> as Type<Sqlite>>::compatible(ty)
+    }
+}
+
+impl Encode<'_, Sqlite> for DbTime {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Sqlite as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        let text = self.0.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+        <String as Encode<Sqlite>>::encode(text, buf)
+    }
+}
+
+impl Decode<'_, Sqlite> for DbTime {
+    fn decode(value: SqliteValueRef<'_>) -> Result<Self, BoxDynError> {
+        <DateTime<Utc> as Decode<Sqlite>>::decode(value).map(Self)
+    }
+}
+
+impl Type<Postgres> for DbTime {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl Encode<'_, Postgres> for DbTime {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        <DateTime<Utc> as Encode<Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl Decode<'_, Postgres> for DbTime {
+    fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
+        <DateTime<Utc> as Decode<Postgres>>::decode(value).map(Self)
     }
 }
 

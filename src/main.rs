@@ -1,4 +1,5 @@
-//! The `userhub` command line: `serve` (default), `migrate`, `token` and `dlq`.
+//! The `userhub` command line: `serve` (default), `migrate`, `token`, `dlq` and
+//! `reenrich`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -6,10 +7,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 use userhub::config::Settings;
 
-use userhub::startup::{Application, Bus, Roles, open_bus, open_database};
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use userhub::startup::{Application, Bus, Roles, open_bus, open_database, open_users};
 use userhub::telemetry;
+use userhub::users::Selection;
 use userhub::web::auth::{LocalToken, mint_local_token, parse_ttl};
 use userhub::web::identity::Role as AccessRole;
+use uuid::Uuid;
 
 /// userhub: a user registry with asynchronous profile enrichment.
 ///
@@ -63,6 +68,23 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Rebuild what is derived from users (the enriched profiles): republish users as
+    /// `user.updated` events through the outbox, for a running `serve` to deliver.
+    ///
+    /// The profile store is derived data: a lost store is rebuilt with `--all`.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["all", "since", "uuids"])))]
+    Reenrich {
+        /// Every user (with a progress bar on a terminal).
+        #[arg(long)]
+        all: bool,
+        /// Users created or changed at or after this instant (RFC 3339, e.g.
+        /// 2026-11-30T00:00:00Z).
+        #[arg(long, value_parser = parse_instant)]
+        since: Option<DateTime<Utc>>,
+        /// These users.
+        #[arg(value_name = "UUID")]
+        uuids: Vec<Uuid>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +110,12 @@ enum Role {
     Api,
     Relay,
     Worker,
+}
+
+fn parse_instant(raw: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 instant ({e}): e.g. 2026-11-30T00:00:00Z"))
 }
 
 fn parse_access_role(raw: &str) -> Result<AccessRole, String> {
@@ -151,6 +179,14 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Reenrich { all, since, uuids } => {
+            let selection = match (all, since) {
+                (true, _) => Selection::All,
+                (false, Some(since)) => Selection::Since(since),
+                (false, None) => Selection::Some(uuids),
+            };
+            reenrich(&settings, &selection).await
+        }
         Command::Migrate => {
             let mut settings = settings;
             settings.database.migrate_on_start = true;
@@ -159,4 +195,26 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Users republished per transaction.
+const REENRICH_PAGE: u32 = 500;
+
+async fn reenrich(settings: &Settings, selection: &Selection) -> anyhow::Result<()> {
+    let users = open_users(settings).await?;
+    let total = users.count(selection).await?;
+    // Drawn only on a terminal; logs and scripts get the summary line alone.
+    let bar = ProgressBar::new(total);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} {wide_bar} {pos}/{len} users ({per_sec}, {eta} left)",
+    )?);
+    let request_id = format!("reenrich-{}", Uuid::now_v7());
+    let republished = users
+        .republish(selection, REENRICH_PAGE, &request_id, |done| {
+            bar.set_position(done)
+        })
+        .await?;
+    bar.finish_and_clear();
+    println!("queued {republished} users for re-enrichment");
+    Ok(())
 }

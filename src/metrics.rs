@@ -176,8 +176,8 @@ impl Cache for MeteredCache {
         value
     }
 
-    async fn set(&self, key: &str, value: String) {
-        self.inner.set(key, value).await;
+    async fn put(&self, key: &str, version: u64, value: String) {
+        self.inner.put(key, version, value).await;
     }
 
     async fn ping(&self) -> Result<(), String> {

@@ -22,6 +22,7 @@ use crate::outbox::{OutboxRelay, OutboxSignal};
 use crate::resilience::Backoff;
 use crate::users::{SqlUserRepository, Users};
 use crate::web::auth::Authentication;
+use crate::web::conditional::Preconditions;
 use crate::web::{self, Hardening, Stack};
 
 /// What one process does. A single process does everything; later, `api,relay` hosts
@@ -143,6 +144,9 @@ impl Application {
                 relay: relay.clone(),
                 database,
             },
+            preconditions: Preconditions {
+                require_if_match: settings.http.require_if_match,
+            },
             serve_api: roles.api,
         };
         let stack = Stack {
@@ -244,6 +248,18 @@ impl Application {
         tracing::info!("userhub stopped");
         Ok(())
     }
+}
+
+/// The users module on `database.url`, for one-shot commands (`userhub reenrich`): its
+/// events wait in the outbox for a running relay.
+pub async fn open_users(settings: &Settings) -> anyhow::Result<Users> {
+    let database = open_database(settings).await?;
+    let cache = open_cache(settings)?;
+    Ok(Users::new(
+        Arc::new(SqlUserRepository::new(database)),
+        OutboxSignal::default(),
+        cache,
+    ))
 }
 
 /// Opens `database.url` and applies migrations when configured to.

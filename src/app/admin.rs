@@ -1,20 +1,111 @@
-//! Operator routes: dead letters and their replay.
+//! Operator routes: dead letters and their replay; re-enrichment.
 
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
-use serde::Deserialize;
-use utoipa::IntoParams;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
 use crate::bus::{BusError, DeadLetter, EventBus};
-use crate::web::page_size;
+use crate::users::{Selection, Users};
 use crate::web::problem::{ApiError, ApiResult, Problem};
+use crate::web::{RequestId, page_size};
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/admin/dead-letters").get(list_dead_letters))
-        .service(web::resource("/admin/dead-letters/{id}/replay").post(replay_dead_letter));
+        .service(web::resource("/admin/dead-letters/{id}/replay").post(replay_dead_letter))
+        .service(web::resource("/admin/reenrich").post(reenrich));
+}
+
+/// Users republished per transaction.
+const REENRICH_PAGE: u32 = 500;
+/// Most uuids one request may name.
+const MAX_REENRICH_UUIDS: usize = 1000;
+
+/// Body of `POST /admin/reenrich`: exactly one of the three.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"since": "2026-11-30T00:00:00Z"}))]
+pub struct ReenrichRequest {
+    /// Every user.
+    #[serde(default)]
+    all: bool,
+    /// Users created or changed at or after this instant.
+    since: Option<DateTime<Utc>>,
+    /// These users (at most 1,000).
+    #[schema(max_items = 1000)]
+    uuids: Option<Vec<Uuid>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"queued": 1200}))]
+pub struct ReenrichResponse {
+    /// Users republished (unknown uuids are skipped).
+    queued: u64,
+}
+
+/// Re-enrich users.
+///
+/// Republishes the chosen users as `user.updated` events (header `reason: reenrich`)
+/// through the outbox, so enrichment rebuilds their profiles: the profile store is
+/// derived data, and a lost one is rebuilt rather than restored. Answers once every
+/// event is in the outbox; delivery follows. For millions of users prefer
+/// `userhub reenrich --all`, which shows its progress.
+#[utoipa::path(
+    post,
+    path = "/admin/reenrich",
+    tag = "admin",
+    request_body = ReenrichRequest,
+    responses(
+        (status = 202, description = "Queued for re-enrichment", body = ReenrichResponse),
+        (status = 400, description = "Not exactly one of `all`, `since`, `uuids`, or too many uuids", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn reenrich(
+    users: web::Data<Users>,
+    request_id: RequestId,
+    body: web::Json<ReenrichRequest>,
+) -> ApiResult<HttpResponse> {
+    let selection = match body.into_inner() {
+        ReenrichRequest {
+            all: true,
+            since: None,
+            uuids: None,
+        } => Selection::All,
+        ReenrichRequest {
+            all: false,
+            since: Some(since),
+            uuids: None,
+        } => Selection::Since(since),
+        ReenrichRequest {
+            all: false,
+            since: None,
+            uuids: Some(uuids),
+        } => {
+            if uuids.len() > MAX_REENRICH_UUIDS {
+                return Err(ApiError::field(
+                    "uuids",
+                    format!("must name at most {MAX_REENRICH_UUIDS} users"),
+                ));
+            }
+            Selection::Some(uuids)
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "Send exactly one of: \"all\": true, \"since\": <instant>, \"uuids\": [...]".into(),
+            ));
+        }
+    };
+    let queued = users
+        .republish(&selection, REENRICH_PAGE, request_id.as_str(), |_| {})
+        .await?;
+    Ok(HttpResponse::Accepted().json(ReenrichResponse { queued }))
 }
 
 impl From<BusError> for ApiError {

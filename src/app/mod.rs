@@ -20,6 +20,7 @@ pub use openapi::ApiDoc;
 use crate::bus::EventBus;
 use crate::enrichment::{self, Enrichment};
 use crate::users::{self, Users};
+use crate::web::conditional::Preconditions;
 
 /// Everything the routes serve from.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct Routes {
     pub bus: Arc<dyn EventBus>,
     pub readiness: Readiness,
     pub gauges: Gauges,
+    /// `http.require_if_match`.
+    pub preconditions: Preconditions,
     /// Serve the `/api`, `/users` and `/admin` routes (role `api`); otherwise only the
     /// operational ones (health, metrics, docs).
     pub serve_api: bool,
@@ -44,6 +47,7 @@ impl Routes {
         if self.serve_api {
             cfg.app_data(web::Data::new(self.users.clone()))
                 .app_data(web::Data::new(self.enrichment.clone()))
+                .app_data(web::Data::new(self.preconditions))
                 .app_data(web::Data::from(self.bus.clone()))
                 .configure(users::configure)
                 .configure(enrichment::configure)

@@ -1,7 +1,7 @@
 //! The combined view a UI needs: a user plus the state of its enrichment, composed from
 //! the users and enrichment read APIs (neither module knows the other).
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::enrichment::{EnrichedProfile, Enrichment, EnrichmentStatus};
 use crate::users::Users;
 use crate::web::UuidParam;
+use crate::web::conditional::json_content_tagged;
 use crate::web::problem::{ApiError, ApiResult, Problem};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -24,6 +25,8 @@ pub enum EnrichmentState {
     Completed,
     /// Given up on after retries; an operator can replay the dead letter.
     Failed,
+    /// The profile store cannot be reached right now; ask again shortly.
+    Unavailable,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -37,6 +40,18 @@ pub struct EnrichmentView {
     pub enriched_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl EnrichmentView {
+    fn unavailable() -> Self {
+        Self {
+            status: EnrichmentState::Unavailable,
+            linkedin: None,
+            github: None,
+            enriched_at: None,
+            detail: Some("The profile store is unavailable; try again shortly".into()),
+        }
+    }
 }
 
 impl From<Option<EnrichedProfile>> for EnrichmentView {
@@ -95,26 +110,44 @@ pub struct UserProfileResponse {
     get,
     path = "/api/users/{uuid}/profile",
     tag = "users",
-    params(("uuid" = String, Path, description = "The user's uuid")),
+    params(
+        ("uuid" = uuid::Uuid, Path, description = "The user's uuid"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` of this representation the client holds"),
+    ),
     responses(
-        (status = 200, description = "The user and its enrichment", body = UserProfileResponse),
+        (status = 200, description = "The user and its enrichment (`unavailable` while the profile store cannot be reached)", body = UserProfileResponse,
+         headers(("ETag" = String, description = "Changes whenever the answer does"))),
+        (status = 304, description = "Not modified since the `ETag` in `If-None-Match`"),
         (status = 400, description = "Malformed uuid", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get_user_profile(
+    req: HttpRequest,
     users: web::Data<Users>,
     enrichment: web::Data<Enrichment>,
     UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
     let (user, profile) = tokio::join!(users.find(uuid), enrichment.profile(uuid));
     let user = user?.ok_or_else(|| ApiError::NotFound(format!("No user with uuid {uuid}")))?;
-    Ok(HttpResponse::Ok().json(UserProfileResponse {
-        uuid: user.uuid,
-        name: user.name,
-        email: user.email,
-        created_at: user.created_at,
-        updated_at: user.updated_at,
-        enrichment: EnrichmentView::from(profile?),
-    }))
+    // The user is what this answer is about; a profile store that cannot answer makes
+    // its part unknown, not the whole answer an error.
+    let enrichment = profile.map_or_else(
+        |error| {
+            tracing::warn!(user = %uuid, %error, "profile store unavailable; answering without it");
+            EnrichmentView::unavailable()
+        },
+        EnrichmentView::from,
+    );
+    json_content_tagged(
+        &req,
+        &UserProfileResponse {
+            uuid: user.uuid,
+            name: user.name,
+            email: user.email,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+            enrichment,
+        },
+    )
 }

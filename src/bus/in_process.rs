@@ -138,14 +138,7 @@ impl InProcessBus {
             });
         let error = match result {
             Ok(()) => {
-                with_pool!(&self.db, |pool| sqlx::query(
-                    "DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2"
-                )
-                .bind(binding.queue)
-                .bind(envelope.id.to_string())
-                .execute(pool)
-                .await
-                .map(drop))?;
+                self.acknowledge(binding, &envelope).await?;
                 tracing::debug!("message acknowledged");
                 return Ok(Outcome::Acked);
             }
@@ -181,6 +174,44 @@ impl InProcessBus {
         Ok(Outcome::DeadLettered { attempt })
     }
 
+    /// Removes a handled message. An erasing one (see [`headers::ERASES_SUBJECT`])
+    /// takes the queue's other messages and dead letters of its subject with it.
+    async fn acknowledge(&self, binding: &Binding, envelope: &Envelope) -> Result<(), BusError> {
+        let id = envelope.id.to_string();
+        let erased = envelope.subject().filter(|_| envelope.erases_subject());
+        with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2")
+                .bind(binding.queue)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            if let Some(subject) = erased {
+                let queued =
+                    sqlx::query("DELETE FROM bus_messages WHERE queue = $1 AND subject = $2")
+                        .bind(binding.queue)
+                        .bind(subject)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                let dead =
+                    sqlx::query("DELETE FROM dead_letters WHERE queue = $1 AND subject = $2")
+                        .bind(binding.queue)
+                        .bind(subject)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                tracing::info!(
+                    queued,
+                    dead,
+                    "subject erased from the queue and its dead letters"
+                );
+            }
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
     async fn dead_letter(
         &self,
         binding: &Binding,
@@ -194,8 +225,9 @@ impl InProcessBus {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO dead_letters
-                 (queue, message_id, routing_key, payload, headers, occurred_at, attempts, error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 (queue, message_id, routing_key, payload, headers, occurred_at, attempts, error,
+                  subject)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(binding.queue)
             .bind(envelope.id.to_string())
@@ -205,6 +237,7 @@ impl InProcessBus {
             .bind(envelope.occurred_at)
             .bind(i64::from(attempt))
             .bind(error)
+            .bind(envelope.subject())
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2")
@@ -250,25 +283,27 @@ impl EventBus for InProcessBus {
             for binding in self
                 .bindings
                 .iter()
-                .filter(|b| b.routing_key == envelope.routing_key)
+                .filter(|b| b.takes(&envelope.routing_key))
             {
                 // Re-publishing the same event (the relay crashed before marking it sent)
                 // must not queue it twice.
                 sqlx::query(
-                "INSERT INTO bus_messages
-                     (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (queue, message_id) DO NOTHING",
-            )
-            .bind(binding.queue)
-            .bind(envelope.id.to_string())
-            .bind(&envelope.routing_key)
-            .bind(&envelope.payload)
-            .bind(&headers)
-            .bind(envelope.occurred_at)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+                    "INSERT INTO bus_messages
+                         (queue, message_id, routing_key, payload, headers, occurred_at,
+                          available_at_ms, subject)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (queue, message_id) DO NOTHING",
+                )
+                .bind(binding.queue)
+                .bind(envelope.id.to_string())
+                .bind(&envelope.routing_key)
+                .bind(&envelope.payload)
+                .bind(&headers)
+                .bind(envelope.occurred_at)
+                .bind(now_ms())
+                .bind(envelope.subject())
+                .execute(&mut *tx)
+                .await?;
             }
             tx.commit().await
         })?;
@@ -365,10 +400,12 @@ impl EventBus for InProcessBus {
             } else {
                 sqlx::query(
                     "INSERT INTO bus_messages
-                 (queue, message_id, routing_key, payload, headers, occurred_at, available_at_ms)
-             SELECT queue, message_id, routing_key, payload, headers, occurred_at, $2
-               FROM dead_letters WHERE id = $1
-             ON CONFLICT (queue, message_id) DO NOTHING",
+                         (queue, message_id, routing_key, payload, headers, occurred_at,
+                          available_at_ms, subject)
+                     SELECT queue, message_id, routing_key, payload, headers, occurred_at, $2,
+                            subject
+                       FROM dead_letters WHERE id = $1
+                     ON CONFLICT (queue, message_id) DO NOTHING",
                 )
                 .bind(id)
                 .bind(now_ms())

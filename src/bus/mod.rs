@@ -19,6 +19,15 @@ pub mod headers {
     pub const EVENT_VERSION: &str = "event_version";
     /// Request id of the HTTP request that caused the event, for log correlation.
     pub const REQUEST_ID: &str = "request_id";
+    /// What the event is about (a user's uuid): erasure finds a subject's messages by it.
+    pub const SUBJECT: &str = "subject";
+    /// `true` on an event that ends its subject's life (`user.deleted`): once a queue's
+    /// consumer has handled it, the bus drops that queue's dead letters of the subject
+    /// (and, where the transport allows, its older queued messages), so no personal
+    /// data outlives the subject there.
+    pub const ERASES_SUBJECT: &str = "erases_subject";
+    /// Why an event was published, when it is not the obvious (e.g. `reenrich`).
+    pub const REASON: &str = "reason";
 }
 
 /// One message on the bus: an opaque JSON payload plus routing and tracing metadata.
@@ -47,6 +56,16 @@ impl Envelope {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// The `subject` header: what the event is about.
+    pub fn subject(&self) -> Option<&str> {
+        self.header(headers::SUBJECT)
+    }
+
+    /// True for an event that ends its subject's life (see [`headers::ERASES_SUBJECT`]).
+    pub fn erases_subject(&self) -> bool {
+        self.header(headers::ERASES_SUBJECT) == Some("true")
     }
 }
 
@@ -159,9 +178,16 @@ pub trait EventBus: Send + Sync {
     async fn replay(&self, id: &str) -> Result<bool, BusError>;
 }
 
-/// A queue and the routing key it is bound to.
+/// A queue and the routing keys bound to it. One queue takes every event of a subject,
+/// so they wait in one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     pub queue: &'static str,
-    pub routing_key: &'static str,
+    pub routing_keys: &'static [&'static str],
+}
+
+impl Binding {
+    pub fn takes(&self, routing_key: &str) -> bool {
+        self.routing_keys.contains(&routing_key)
+    }
 }

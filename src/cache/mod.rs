@@ -14,35 +14,61 @@ pub use memory::MemoryCache;
 pub use redis_cache::{CacheStats, RedisCache};
 
 /// Bump when the shape of a cached value changes, so old entries are simply missed.
-pub const KEY_VERSION: &str = "v1";
+pub const KEY_VERSION: &str = "v2";
 
+/// Every entry is a version of something (a user's, a profile's `version`), and a
+/// cache keeps the newest it was given: a read-through fill that read the database
+/// just before a change cannot overwrite the value that change wrote through. A
+/// deleted thing is a tombstone, an empty value at its last version, which keeps a
+/// late fill from bringing it back until the entry expires.
 #[async_trait]
 pub trait Cache: Send + Sync {
-    /// `None` on a miss and on any failure of the cache itself.
+    /// The value under `key` (empty for a tombstone); `None` on a miss and on any
+    /// failure of the cache itself.
     async fn get(&self, key: &str) -> Option<String>;
-    /// Best effort: a failure is logged by the adapter and otherwise ignored.
-    async fn set(&self, key: &str, value: String);
+    /// Stores `value` as version `version` of `key`, unless the cache holds a newer
+    /// version. Best effort: a failure is logged by the adapter and otherwise ignored.
+    async fn put(&self, key: &str, version: u64, value: String);
     async fn ping(&self) -> Result<(), String>;
 }
 
-/// The key of `id` in `namespace`, e.g. `userhub:v1:user:0193…`.
+/// The key of `id` in `namespace`, e.g. `userhub:v2:user:0193…`.
 pub fn key(namespace: &str, id: impl std::fmt::Display) -> String {
     format!("userhub:{KEY_VERSION}:{namespace}:{id}")
 }
 
-/// Reads a JSON value; an entry that no longer deserializes counts as a miss.
-pub async fn get_json<T: DeserializeOwned>(cache: &dyn Cache, key: &str) -> Option<T> {
-    let raw = cache.get(key).await?;
-    serde_json::from_str(&raw)
-        .inspect_err(|error| tracing::warn!(key, %error, "ignoring unreadable cache entry"))
-        .ok()
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached<T> {
+    /// Ask the source of truth.
+    Miss,
+    /// Known to be deleted.
+    Gone,
+    Hit(T),
 }
 
-pub async fn set_json<T: Serialize>(cache: &dyn Cache, key: &str, value: &T) {
+/// Reads a JSON value; an entry that no longer deserializes counts as a miss.
+pub async fn get_json<T: DeserializeOwned>(cache: &dyn Cache, key: &str) -> Cached<T> {
+    match cache.get(key).await {
+        None => Cached::Miss,
+        Some(raw) if raw.is_empty() => Cached::Gone,
+        Some(raw) => serde_json::from_str(&raw)
+            .inspect_err(|error| tracing::warn!(key, %error, "ignoring unreadable cache entry"))
+            .map_or(Cached::Miss, Cached::Hit),
+    }
+}
+
+/// Stores version `version` of a JSON value (see [`Cache::put`]).
+pub async fn put_json<T: Serialize>(cache: &dyn Cache, key: &str, version: u64, value: &T) {
     match serde_json::to_string(value) {
-        Ok(raw) => cache.set(key, raw).await,
+        Ok(raw) => cache.put(key, version, raw).await,
         Err(error) => tracing::warn!(key, %error, "value not cached"),
     }
+}
+
+/// Records that what `key` names was deleted at version `version`.
+pub async fn put_gone(cache: &dyn Cache, key: &str, version: u64) {
+    cache.put(key, version, String::new()).await;
 }
 
 /// Cache settings shared by the adapters.

@@ -169,23 +169,40 @@ impl RedisCache {
         }
     }
 
-    /// `SET … EX <secs>` for whole seconds; `PX <ms>` when the TTL has a fraction, so
-    /// an entry never outlives the policy.
-    fn set_command(&self, key: &str, value: String) -> Option<redis::Cmd> {
-        let ttl = self.policy.ttl;
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.stored_key(key)).arg(value);
-        if ttl.subsec_nanos() == 0 && ttl.as_secs() > 0 {
-            cmd.arg("EX").arg(ttl.as_secs());
-        } else {
-            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            if millis == 0 {
-                return None;
-            }
-            cmd.arg("PX").arg(millis);
+    /// The put as one atomic script: the stored form is `<version>:<value>`, and a
+    /// stored version newer than `version` is kept. `None` for a zero TTL (nothing
+    /// would live long enough to be read).
+    fn put_command(&self, key: &str, version: u64, value: &str) -> Option<redis::Cmd> {
+        let millis = u64::try_from(self.policy.ttl.as_millis()).unwrap_or(u64::MAX);
+        if millis == 0 {
+            return None;
         }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUT_IF_NOT_OLDER)
+            .arg(1)
+            .arg(self.stored_key(key))
+            .arg(version)
+            .arg(value)
+            .arg(millis);
         Some(cmd)
     }
+}
+
+/// KEYS[1]: the key; ARGV: version, value, TTL in milliseconds.
+const PUT_IF_NOT_OLDER: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local stored = tonumber(string.match(current, '^(%d+):'))
+  if stored and stored > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
+return 1
+"#;
+
+/// The value of a stored `<version>:<value>`; `None` for anything else.
+fn stored_value(stored: &str) -> Option<&str> {
+    let (version, value) = stored.split_once(':')?;
+    version.parse::<u64>().ok().map(|_| value)
 }
 
 #[async_trait]
@@ -196,9 +213,14 @@ impl Cache for RedisCache {
         // so it must not count against the breaker.
         let raw: Option<Vec<u8>> = self.call("get", key, &cmd).await.ok()?;
         let value = raw.and_then(|bytes| {
-            String::from_utf8(bytes)
+            let text = String::from_utf8(bytes)
                 .inspect_err(|_| tracing::warn!(key, "ignoring a cache entry that is not UTF-8"))
-                .ok()
+                .ok()?;
+            let value = stored_value(&text).map(str::to_owned);
+            if value.is_none() {
+                tracing::warn!(key, "ignoring a cache entry without a version");
+            }
+            value
         });
         bump(if value.is_some() {
             &self.counters.hits
@@ -208,10 +230,9 @@ impl Cache for RedisCache {
         value
     }
 
-    async fn set(&self, key: &str, value: String) {
-        // A zero TTL means nothing would live long enough to be read.
-        if let Some(cmd) = self.set_command(key, value) {
-            let _: Result<(), CallError> = self.call("set", key, &cmd).await;
+    async fn put(&self, key: &str, version: u64, value: String) {
+        if let Some(cmd) = self.put_command(key, version, &value) {
+            let _: Result<i64, CallError> = self.call("put", key, &cmd).await;
         }
     }
 
@@ -272,17 +293,19 @@ mod tests {
     }
 
     #[test]
-    fn whole_second_ttls_use_ex_and_others_px() {
-        let cmd = cache(Duration::from_secs(60)).set_command("k", "v".into());
-        assert_eq!(
-            args(&cmd.expect("a command")),
-            ["SET", "p:k", "v", "EX", "60"]
-        );
-        let cmd = cache(Duration::from_millis(1500)).set_command("k", "v".into());
-        assert_eq!(
-            args(&cmd.expect("a command")),
-            ["SET", "p:k", "v", "PX", "1500"]
-        );
-        assert!(cache(Duration::ZERO).set_command("k", "v".into()).is_none());
+    fn a_put_runs_the_script_on_the_prefixed_key_with_the_ttl_in_milliseconds() {
+        let cmd = cache(Duration::from_secs(60)).put_command("k", 7, "v");
+        let args = args(&cmd.expect("a command"));
+        assert_eq!(args[0], "EVAL");
+        assert_eq!(args[2..], ["1", "p:k", "7", "v", "60000"]);
+        assert!(cache(Duration::ZERO).put_command("k", 1, "v").is_none());
+    }
+
+    #[test]
+    fn stored_values_carry_their_version() {
+        assert_eq!(stored_value("3:{\"a\":1}"), Some("{\"a\":1}"));
+        assert_eq!(stored_value("3:"), Some(""), "a tombstone");
+        assert_eq!(stored_value("v:{}"), None);
+        assert_eq!(stored_value("{}"), None);
     }
 }

@@ -63,13 +63,30 @@ pub struct EnrichedProfile {
     pub error: Option<String>,
     /// The event this state was derived from.
     pub source_event_id: Uuid,
+    /// The version of the user it was derived from.
+    pub version: u64,
     pub enriched_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a conditional write to the profile store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Applied,
+    /// Not written: the store holds a newer version of the user, or this very event's
+    /// outcome already (a redelivery), or the user was erased.
+    Stale,
+}
+
 impl EnrichedProfile {
-    /// The completed profile for a user.
-    pub fn derive(uuid: Uuid, name: &str, email: &str, source_event_id: Uuid) -> Self {
+    /// The completed profile for version `version` of a user.
+    pub fn derive(
+        uuid: Uuid,
+        name: &str,
+        email: &str,
+        source_event_id: Uuid,
+        version: u64,
+    ) -> Self {
         let handle = handle_for(name, email, uuid);
         // Millisecond precision, like every timestamp the database writes.
         let now = Utc::now().trunc_subsecs(3);
@@ -82,13 +99,21 @@ impl EnrichedProfile {
             status: EnrichmentStatus::Completed,
             error: None,
             source_event_id,
+            version,
             enriched_at: Some(now),
             updated_at: now,
         }
     }
 
     /// The record of a user whose enrichment was given up on.
-    pub fn failed(uuid: Uuid, name: &str, email: &str, source_event_id: Uuid, error: &str) -> Self {
+    pub fn failed(
+        uuid: Uuid,
+        name: &str,
+        email: &str,
+        source_event_id: Uuid,
+        version: u64,
+        error: &str,
+    ) -> Self {
         Self {
             uuid,
             name: name.to_owned(),
@@ -98,6 +123,7 @@ impl EnrichedProfile {
             status: EnrichmentStatus::Failed,
             error: Some(error.to_owned()),
             source_event_id,
+            version,
             enriched_at: None,
             updated_at: Utc::now().trunc_subsecs(3),
         }
@@ -158,11 +184,12 @@ mod tests {
     #[test]
     fn derived_profile_has_both_links() {
         let event_id = Uuid::now_v7();
-        let p = EnrichedProfile::derive(UUID, "João Silva", "joao@example.com", event_id);
+        let p = EnrichedProfile::derive(UUID, "João Silva", "joao@example.com", event_id, 2);
         assert_eq!(p.linkedin.as_deref(), Some("linkedin.com/in/joaosilva"));
         assert_eq!(p.github.as_deref(), Some("github.com/joaosilva"));
         assert_eq!(p.status, EnrichmentStatus::Completed);
         assert_eq!(p.source_event_id, event_id);
+        assert_eq!(p.version, 2);
         assert!(p.enriched_at.is_some());
     }
 }

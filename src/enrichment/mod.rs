@@ -1,5 +1,6 @@
-//! Enrichment module: consumes `user.created`, derives the social profile and serves
-//! it. Knows nothing of the users module beyond the event contract.
+//! Enrichment module: consumes the user events, derives the social profile, erases it
+//! with the user, and serves it. Knows nothing of the users module beyond the event
+//! contract.
 
 mod domain;
 mod mongo_store;
@@ -11,20 +12,20 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-pub use domain::{EnrichedProfile, EnrichmentStatus, handle_for, slug};
+pub use domain::{EnrichedProfile, EnrichmentStatus, Write, handle_for, slug};
 pub use mongo_store::MongoProfileStore;
 pub use routes::{EnrichedProfileResponse, configure};
 pub use store::{ProfileStore, SqliteProfileStore, StoreError};
-pub use worker::UserCreatedHandler;
+pub use worker::UserEventsHandler;
 
 use crate::bus::{Binding, EventHandler};
-use crate::cache::{self, Cache};
-use crate::events::USER_CREATED;
+use crate::cache::{self, Cache, Cached};
+use crate::events::{USER_CREATED, USER_DELETED, USER_UPDATED};
 
-/// The module's queue and what it is bound to.
+/// The module's queue: every user event, so one user's events wait in one line.
 pub const BINDING: Binding = Binding {
-    queue: "enrichment.user-created",
-    routing_key: USER_CREATED,
+    queue: "enrichment.users",
+    routing_keys: &[USER_CREATED, USER_UPDATED, USER_DELETED],
 };
 
 /// The module's public facade.
@@ -46,25 +47,29 @@ impl Enrichment {
 
     /// The consumer to attach to [`BINDING`].
     pub fn handler(&self) -> Arc<dyn EventHandler> {
-        Arc::new(UserCreatedHandler::new(
+        Arc::new(UserEventsHandler::new(
             self.store.clone(),
             self.cache.clone(),
         ))
     }
 
-    /// What is known of a user's enrichment; `None` while it is pending. Only completed
-    /// profiles are cached: pending and failed ones are about to change.
+    /// What is known of a user's enrichment; `None` while it is pending and once the
+    /// user is erased. Only completed profiles are cached: pending and failed ones are
+    /// about to change. The worker writes each new version through, and the cache keeps
+    /// the newest it was given, so a fill racing a change cannot leave the old one.
     pub async fn profile(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let key = cache_key(uuid);
-        if let Some(profile) = cache::get_json(self.cache.as_ref(), &key).await {
-            return Ok(Some(profile));
+        match cache::get_json(self.cache.as_ref(), &key).await {
+            Cached::Hit(profile) => return Ok(Some(profile)),
+            Cached::Gone => return Ok(None),
+            Cached::Miss => {}
         }
         let profile = self.store.get(uuid).await?;
         if let Some(p) = profile
             .as_ref()
             .filter(|p| p.status == EnrichmentStatus::Completed)
         {
-            cache::set_json(self.cache.as_ref(), &key, p).await;
+            cache::put_json(self.cache.as_ref(), &key, p.version, p).await;
         }
         Ok(profile)
     }

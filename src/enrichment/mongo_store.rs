@@ -8,13 +8,13 @@ use anyhow::Context;
 use async_trait::async_trait;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::domain::{EnrichedProfile, EnrichmentStatus};
-use super::store::{ProfileStore, StoreError};
+use super::domain::{EnrichedProfile, EnrichmentStatus, Write};
+use super::store::{DELETED, ProfileStore, StoreError, status_of};
 
 /// Used when the URL names no database (`mongodb://host:27017/`).
 const DEFAULT_DATABASE: &str = "userhub";
@@ -26,9 +26,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest any one call to the server may take, server selection included.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
-/// An upsert goes round again when another writer completed the profile between its two
-/// steps; the second round always settles it, the rest is a safety margin.
-const UPSERT_ROUNDS: usize = 3;
 const DUPLICATE_KEY: i32 = 11000;
 
 pub struct MongoProfileStore {
@@ -108,45 +105,47 @@ fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
 }
 
 /// A stored document as read back; `_id` and `created_at` are not part of the profile.
+/// A tombstone has no name or e-mail; a document written before versions existed has
+/// no `version` (it counts as 0, older than any event).
 #[derive(Deserialize)]
 struct ProfileDocument {
     uuid: String,
-    name: String,
-    email: String,
+    name: Option<String>,
+    email: Option<String>,
     linkedin: Option<String>,
     github: Option<String>,
     status: String,
     error: Option<String>,
     source_event_id: String,
+    #[serde(default)]
+    version: i64,
     enriched_at: Option<bson::DateTime>,
     updated_at: bson::DateTime,
 }
 
-impl TryFrom<ProfileDocument> for EnrichedProfile {
-    type Error = StoreError;
-
-    fn try_from(document: ProfileDocument) -> Result<Self, StoreError> {
-        let status = match document.status.as_str() {
-            "completed" => EnrichmentStatus::Completed,
-            "failed" => EnrichmentStatus::Failed,
-            other => return Err(StoreError::Backend(format!("unknown status {other:?}"))),
+impl ProfileDocument {
+    /// `None` for a tombstone.
+    fn into_profile(self) -> Result<Option<EnrichedProfile>, StoreError> {
+        let Some(status) = status_of(&self.status)? else {
+            return Ok(None);
         };
         let parse = |field: &str, value: &str| {
             Uuid::parse_str(value)
                 .map_err(|error| StoreError::Backend(format!("{field} {value:?}: {error}")))
         };
-        Ok(Self {
-            uuid: parse("uuid", &document.uuid)?,
-            name: document.name,
-            email: document.email,
-            linkedin: document.linkedin,
-            github: document.github,
+        Ok(Some(EnrichedProfile {
+            uuid: parse("uuid", &self.uuid)?,
+            name: self.name.unwrap_or_default(),
+            email: self.email.unwrap_or_default(),
+            linkedin: self.linkedin,
+            github: self.github,
             status,
-            error: document.error,
-            source_event_id: parse("source_event_id", &document.source_event_id)?,
-            enriched_at: document.enriched_at.map(bson::DateTime::to_chrono),
-            updated_at: document.updated_at.to_chrono(),
-        })
+            error: self.error,
+            source_event_id: parse("source_event_id", &self.source_event_id)?,
+            version: u64::try_from(self.version).unwrap_or(0),
+            enriched_at: self.enriched_at.map(bson::DateTime::to_chrono),
+            updated_at: self.updated_at.to_chrono(),
+        }))
     }
 }
 
@@ -154,117 +153,143 @@ fn uuid_key(uuid: Uuid) -> String {
     uuid.hyphenated().to_string()
 }
 
+fn version_param(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
+/// Stored documents older than `version`: a lower version, or none at all (written
+/// before versions existed).
+fn older_than(version: u64) -> Document {
+    doc! { "$or": [
+        { "version": { "$lt": version_param(version) } },
+        { "version": { "$exists": false } },
+    ] }
+}
+
+/// One conditional upsert: `filter` names the user and the condition under which
+/// `update` may apply. When the user's document exists but fails the condition, the
+/// upsert's insert hits the unique index on `uuid`: that means "stale", not an error.
+/// One round trip either way, whatever other writers do meanwhile.
+async fn conditional_upsert(
+    profiles: Collection<ProfileDocument>,
+    what: &'static str,
+    filter: Document,
+    update: Document,
+) -> Result<Write, StoreError> {
+    bounded(what, async move {
+        match profiles.update_one(filter, update).upsert(true).await {
+            Ok(_) => Ok(Write::Applied),
+            Err(error) if is_duplicate_key(&error) => Ok(Write::Stale),
+            Err(error) => Err(error),
+        }
+    })
+    .await
+}
+
 #[async_trait]
 impl ProfileStore for MongoProfileStore {
-    async fn upsert(&self, p: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
-        // Two conditional steps rather than one pipeline-style update, which needs
-        // MongoDB 4.2+ and which not every MongoDB-compatible server has: plain `$set`s
-        // that together do what the SQLite adapter's ON CONFLICT … CASE does.
-        // `updated_at` is the server's clock, as in SQLite.
-        let uuid = uuid_key(p.uuid);
-        let rewritten = doc! {
-            "name": &p.name,
-            "email": &p.email,
-            "linkedin": p.linkedin.as_deref(),
-            "github": p.github.as_deref(),
-            "status": EnrichmentStatus::Completed.as_str(),
-            "error": Bson::Null,
-            "source_event_id": uuid_key(p.source_event_id),
-        };
-        for _ in 0..UPSERT_ROUNDS {
-            // 1. Already completed (a redelivery): rewrite it, keeping the first
-            //    enriched_at so redelivery is invisible to readers.
-            let profiles = self.profiles.clone();
-            let filter = doc! { "uuid": &uuid, "status": EnrichmentStatus::Completed.as_str() };
-            let update = doc! {
-                "$set": rewritten.clone(),
-                "$currentDate": { "updated_at": true },
-            };
-            let kept = bounded("update the completed profile", async move {
-                profiles
-                    .find_one_and_update(filter, update)
-                    .return_document(ReturnDocument::After)
-                    .await
-            })
-            .await?;
-            if let Some(document) = kept {
-                return document.try_into();
-            }
-
-            // 2. Missing or failed: write the whole profile. Should another writer
-            //    complete it after step 1, this filter no longer matches, the upsert's
-            //    insert hits the unique index, and the next round's step 1 takes over.
-            let profiles = self.profiles.clone();
-            let filter = doc! {
-                "uuid": &uuid,
-                "status": { "$ne": EnrichmentStatus::Completed.as_str() },
-            };
-            let mut set = rewritten.clone();
-            set.insert(
-                "enriched_at",
-                p.enriched_at.map(bson::DateTime::from_chrono),
-            );
-            let update = doc! {
-                "$set": set,
-                // Server time cannot go into $setOnInsert without a pipeline update.
-                "$setOnInsert": { "created_at": bson::DateTime::now() },
-                "$currentDate": { "updated_at": true },
-            };
-            let written = bounded("upsert the profile", async move {
-                match profiles
-                    .find_one_and_update(filter, update)
-                    .upsert(true)
-                    .return_document(ReturnDocument::After)
-                    .await
-                {
-                    Err(error) if is_duplicate_key(&error) => Ok(None),
-                    other => other,
-                }
-            })
-            .await?;
-            match written {
-                Some(document) => return document.try_into(),
-                None => {
-                    tracing::debug!(user = %p.uuid, "profile completed concurrently; going round again")
-                }
-            }
-        }
-        Err(StoreError::Backend(format!(
-            "upsert of {uuid} kept conflicting with concurrent writers"
-        )))
-    }
-
-    async fn mark_failed(&self, p: &EnrichedProfile) -> Result<(), StoreError> {
-        // Never over a completed profile: the filter skips it, and the upsert's insert
-        // then hits the unique index, which here means "nothing to do".
-        let profiles = self.profiles.clone();
+    async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
+        let event = uuid_key(p.source_event_id);
         let filter = doc! {
             "uuid": uuid_key(p.uuid),
-            "status": { "$ne": EnrichmentStatus::Completed.as_str() },
+            "status": { "$ne": DELETED },
+            "$or": [
+                older_than(p.version),
+                // The same version again: a failed attempt, or a re-enrichment (another
+                // event); not a redelivery of the event already applied.
+                { "version": version_param(p.version), "$or": [
+                    { "status": { "$ne": EnrichmentStatus::Completed.as_str() } },
+                    { "source_event_id": { "$ne": &event } },
+                ] },
+            ],
         };
+        let stamp = bson::DateTime::from_chrono(p.updated_at);
         let update = doc! {
             "$set": {
+                "name": &p.name,
+                "email": &p.email,
+                "linkedin": p.linkedin.as_deref(),
+                "github": p.github.as_deref(),
+                "status": EnrichmentStatus::Completed.as_str(),
+                "error": Bson::Null,
+                "source_event_id": &event,
+                "version": version_param(p.version),
+                "enriched_at": p.enriched_at.map(bson::DateTime::from_chrono),
+                "updated_at": stamp,
+            },
+            "$setOnInsert": { "created_at": stamp },
+        };
+        conditional_upsert(self.profiles.clone(), "upsert the profile", filter, update).await
+    }
+
+    async fn mark_failed(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
+        let filter = doc! {
+            "uuid": uuid_key(p.uuid),
+            "status": { "$ne": DELETED },
+            "$or": [
+                older_than(p.version),
+                {
+                    "version": version_param(p.version),
+                    "status": { "$ne": EnrichmentStatus::Completed.as_str() },
+                },
+            ],
+        };
+        let now = bson::DateTime::now();
+        let update = doc! {
+            "$set": {
+                "name": &p.name,
+                "email": &p.email,
                 "status": EnrichmentStatus::Failed.as_str(),
                 "error": p.error.as_deref(),
                 "source_event_id": uuid_key(p.source_event_id),
+                "version": version_param(p.version),
+                "updated_at": now,
             },
             "$setOnInsert": {
-                "name": &p.name,
-                "email": &p.email,
                 "linkedin": Bson::Null,
                 "github": Bson::Null,
                 "enriched_at": Bson::Null,
-                "created_at": bson::DateTime::now(),
+                "created_at": now,
             },
-            "$currentDate": { "updated_at": true },
         };
-        bounded("record the failed enrichment", async move {
-            match profiles.update_one(filter, update).upsert(true).await {
-                Err(error) if is_duplicate_key(&error) => Ok(()),
-                other => other.map(drop),
-            }
-        })
+        conditional_upsert(
+            self.profiles.clone(),
+            "record the failed enrichment",
+            filter,
+            update,
+        )
         .await
+    }
+
+    async fn erase(
+        &self,
+        uuid: Uuid,
+        version: u64,
+        source_event_id: Uuid,
+    ) -> Result<Write, StoreError> {
+        let filter = doc! {
+            "uuid": uuid_key(uuid),
+            "$or": [
+                older_than(version),
+                { "version": version_param(version), "status": { "$ne": DELETED } },
+            ],
+        };
+        let now = bson::DateTime::now();
+        let update = doc! {
+            "$set": {
+                "status": DELETED,
+                "source_event_id": uuid_key(source_event_id),
+                "version": version_param(version),
+                "updated_at": now,
+            },
+            // Every field that can hold personal data goes.
+            "$unset": {
+                "name": "", "email": "", "linkedin": "", "github": "", "error": "",
+                "enriched_at": "",
+            },
+            "$setOnInsert": { "created_at": now },
+        };
+        conditional_upsert(self.profiles.clone(), "erase the profile", filter, update).await
     }
 
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
@@ -274,8 +299,9 @@ impl ProfileStore for MongoProfileStore {
             profiles.find_one(filter).await
         })
         .await?
-        .map(EnrichedProfile::try_from)
+        .map(ProfileDocument::into_profile)
         .transpose()
+        .map(Option::flatten)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,6 +1,6 @@
 //! HTTP routes of the enrichment module (`/users/enriched`).
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{EnrichedProfile, Enrichment, EnrichmentStatus, StoreError};
 use crate::web::UuidParam;
+use crate::web::conditional::json_content_tagged;
 use crate::web::problem::{ApiError, ApiResult, Problem};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -41,7 +42,7 @@ pub struct EnrichedProfileResponse {
     pub github: String,
     /// Always `completed` here.
     pub status: String,
-    /// Id of the `user.created` event this profile was derived from.
+    /// Id of the event this profile was derived from.
     pub source_event_id: Uuid,
     pub enriched_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -77,14 +78,20 @@ impl EnrichedProfileResponse {
     get,
     path = "/users/enriched/{uuid}",
     tag = "enrichment",
-    params(("uuid" = String, Path, description = "The user's uuid")),
+    params(
+        ("uuid" = uuid::Uuid, Path, description = "The user's uuid"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` of this representation the client holds"),
+    ),
     responses(
-        (status = 200, description = "The enriched profile", body = EnrichedProfileResponse),
+        (status = 200, description = "The enriched profile", body = EnrichedProfileResponse,
+         headers(("ETag" = String, description = "Changes whenever the profile does"))),
+        (status = 304, description = "Not modified since the `ETag` in `If-None-Match`"),
         (status = 400, description = "Malformed uuid", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not (yet) enriched", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get_enriched_profile(
+    req: HttpRequest,
     enrichment: web::Data<Enrichment>,
     UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
@@ -93,5 +100,5 @@ pub async fn get_enriched_profile(
         .await?
         .and_then(EnrichedProfileResponse::from_completed)
         .ok_or_else(|| ApiError::NotFound(format!("No enriched profile for user {uuid} (yet)")))?;
-    Ok(HttpResponse::Ok().json(profile))
+    json_content_tagged(&req, &profile)
 }

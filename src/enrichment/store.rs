@@ -1,4 +1,11 @@
 //! Profile store port and its SQLite adapter.
+//!
+//! Every write is conditional on the user's version, so events applied out of order
+//! (retries, redeliveries, replays) leave the newest state: a profile is written only
+//! over an older version of the user, over a failed attempt at the same version, or over
+//! the same version derived from another event (a re-enrichment); never over a
+//! tombstone. A tombstone (status `deleted`) holds no personal data and keeps a late,
+//! stale event from bringing an erased user back.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -6,7 +13,8 @@ use sqlx::SqlitePool;
 use sqlx::types::uuid::fmt::Hyphenated;
 use uuid::Uuid;
 
-use super::domain::{EnrichedProfile, EnrichmentStatus};
+use super::domain::{EnrichedProfile, EnrichmentStatus, Write};
+use crate::db::DbTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,13 +30,51 @@ impl From<sqlx::Error> for StoreError {
 
 #[async_trait]
 pub trait ProfileStore: Send + Sync {
-    /// Stores a completed profile, replacing what was there (idempotent per user), and
-    /// returns it as stored (a redelivery keeps the first `enriched_at`).
-    async fn upsert(&self, profile: &EnrichedProfile) -> Result<EnrichedProfile, StoreError>;
-    /// Records that enrichment was given up on, unless the user is already enriched.
-    async fn mark_failed(&self, profile: &EnrichedProfile) -> Result<(), StoreError>;
+    /// Stores a completed profile, unless the store holds a newer version of the user,
+    /// this event's profile already, or a tombstone.
+    async fn upsert(&self, profile: &EnrichedProfile) -> Result<Write, StoreError>;
+    /// Records that enrichment of this version was given up on, unless a completed
+    /// profile of it (or a newer version, or a tombstone) is stored.
+    async fn mark_failed(&self, profile: &EnrichedProfile) -> Result<Write, StoreError>;
+    /// Replaces what is stored of the user with a tombstone at `version` (the
+    /// deletion's), unless a newer version is stored.
+    async fn erase(
+        &self,
+        uuid: Uuid,
+        version: u64,
+        source_event_id: Uuid,
+    ) -> Result<Write, StoreError>;
+    /// The user's profile; `None` while pending and once erased.
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Status of a tombstone in the stores.
+pub(super) const DELETED: &str = "deleted";
+
+pub(super) fn status_of(text: &str) -> Result<Option<EnrichmentStatus>, StoreError> {
+    match text {
+        "completed" => Ok(Some(EnrichmentStatus::Completed)),
+        "failed" => Ok(Some(EnrichmentStatus::Failed)),
+        DELETED => Ok(None),
+        other => Err(StoreError::Backend(format!("unknown status {other:?}"))),
+    }
+}
+
+fn version_of(version: i64) -> u64 {
+    u64::try_from(version).unwrap_or(0)
+}
+
+fn version_param(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
+fn written(rows: u64) -> Write {
+    if rows == 0 {
+        Write::Stale
+    } else {
+        Write::Applied
+    }
 }
 
 pub struct SqliteProfileStore {
@@ -44,61 +90,60 @@ impl SqliteProfileStore {
 #[derive(sqlx::FromRow)]
 struct ProfileRow {
     uuid: Hyphenated,
-    name: String,
-    email: String,
+    name: Option<String>,
+    email: Option<String>,
     linkedin: Option<String>,
     github: Option<String>,
     status: String,
     error: Option<String>,
     source_event_id: Hyphenated,
+    version: i64,
     enriched_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<ProfileRow> for EnrichedProfile {
-    type Error = StoreError;
-
-    fn try_from(row: ProfileRow) -> Result<Self, StoreError> {
-        let status = match row.status.as_str() {
-            "completed" => EnrichmentStatus::Completed,
-            "failed" => EnrichmentStatus::Failed,
-            other => return Err(StoreError::Backend(format!("unknown status {other:?}"))),
+impl ProfileRow {
+    /// `None` for a tombstone.
+    fn into_profile(self) -> Result<Option<EnrichedProfile>, StoreError> {
+        let Some(status) = status_of(&self.status)? else {
+            return Ok(None);
         };
-        Ok(Self {
-            uuid: row.uuid.into_uuid(),
-            name: row.name,
-            email: row.email,
-            linkedin: row.linkedin,
-            github: row.github,
+        Ok(Some(EnrichedProfile {
+            uuid: self.uuid.into_uuid(),
+            name: self.name.unwrap_or_default(),
+            email: self.email.unwrap_or_default(),
+            linkedin: self.linkedin,
+            github: self.github,
             status,
-            error: row.error,
-            source_event_id: row.source_event_id.into_uuid(),
-            enriched_at: row.enriched_at,
-            updated_at: row.updated_at,
-        })
+            error: self.error,
+            source_event_id: self.source_event_id.into_uuid(),
+            version: version_of(self.version),
+            enriched_at: self.enriched_at,
+            updated_at: self.updated_at,
+        }))
     }
 }
 
 #[async_trait]
 impl ProfileStore for SqliteProfileStore {
-    async fn upsert(&self, p: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
-        // A redelivered event re-derives the same profile; the first enrichment time
-        // is kept so redelivery is invisible to readers.
-        let row: ProfileRow = sqlx::query_as(
+    async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
+        let result = sqlx::query(
             "INSERT INTO enriched_profiles
-                 (uuid, name, email, linkedin, github, status, error, source_event_id, enriched_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7)
+                 (uuid, name, email, linkedin, github, status, error, source_event_id, version,
+                  enriched_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7, ?8, ?8)
              ON CONFLICT (uuid) DO UPDATE SET
                  name = excluded.name, email = excluded.email,
                  linkedin = excluded.linkedin, github = excluded.github,
                  status = 'completed', error = NULL,
-                 source_event_id = excluded.source_event_id,
-                 enriched_at = CASE WHEN enriched_profiles.status = 'completed'
-                                    THEN enriched_profiles.enriched_at
-                                    ELSE excluded.enriched_at END,
-                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             RETURNING uuid, name, email, linkedin, github, status, error, source_event_id,
-                       enriched_at, updated_at",
+                 source_event_id = excluded.source_event_id, version = excluded.version,
+                 enriched_at = excluded.enriched_at, updated_at = excluded.updated_at
+             WHERE enriched_profiles.status <> 'deleted'
+               AND (enriched_profiles.version < excluded.version
+                    OR (enriched_profiles.version = excluded.version
+                        AND NOT (enriched_profiles.status = 'completed'
+                                 AND enriched_profiles.source_event_id
+                                     = excluded.source_event_id)))",
         )
         .bind(p.uuid.hyphenated())
         .bind(&p.name)
@@ -106,43 +151,74 @@ impl ProfileStore for SqliteProfileStore {
         .bind(&p.linkedin)
         .bind(&p.github)
         .bind(p.source_event_id.hyphenated())
-        .bind(p.enriched_at)
-        .fetch_one(&self.pool)
+        .bind(version_param(p.version))
+        .bind(DbTime(p.enriched_at.unwrap_or(p.updated_at)))
+        .execute(&self.pool)
         .await?;
-        EnrichedProfile::try_from(row)
+        Ok(written(result.rows_affected()))
     }
 
-    async fn mark_failed(&self, p: &EnrichedProfile) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn mark_failed(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
+        let result = sqlx::query(
             "INSERT INTO enriched_profiles
-                 (uuid, name, email, status, error, source_event_id)
-             VALUES (?1, ?2, ?3, 'failed', ?4, ?5)
+                 (uuid, name, email, status, error, source_event_id, version)
+             VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?6)
              ON CONFLICT (uuid) DO UPDATE SET
                  status = 'failed', error = excluded.error,
-                 source_event_id = excluded.source_event_id,
+                 source_event_id = excluded.source_event_id, version = excluded.version,
                  updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             WHERE enriched_profiles.status <> 'completed'",
+             WHERE enriched_profiles.status <> 'deleted'
+               AND (enriched_profiles.version < excluded.version
+                    OR (enriched_profiles.version = excluded.version
+                        AND enriched_profiles.status <> 'completed'))",
         )
         .bind(p.uuid.hyphenated())
         .bind(&p.name)
         .bind(&p.email)
         .bind(&p.error)
         .bind(p.source_event_id.hyphenated())
+        .bind(version_param(p.version))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(written(result.rows_affected()))
+    }
+
+    async fn erase(
+        &self,
+        uuid: Uuid,
+        version: u64,
+        source_event_id: Uuid,
+    ) -> Result<Write, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO enriched_profiles (uuid, status, source_event_id, version)
+             VALUES (?1, 'deleted', ?2, ?3)
+             ON CONFLICT (uuid) DO UPDATE SET
+                 name = NULL, email = NULL, linkedin = NULL, github = NULL, error = NULL,
+                 enriched_at = NULL, status = 'deleted',
+                 source_event_id = excluded.source_event_id, version = excluded.version,
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE enriched_profiles.version < excluded.version
+                OR (enriched_profiles.version = excluded.version
+                    AND enriched_profiles.status <> 'deleted')",
+        )
+        .bind(uuid.hyphenated())
+        .bind(source_event_id.hyphenated())
+        .bind(version_param(version))
+        .execute(&self.pool)
+        .await?;
+        Ok(written(result.rows_affected()))
     }
 
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let row: Option<ProfileRow> = sqlx::query_as(
             "SELECT uuid, name, email, linkedin, github, status, error, source_event_id,
-                    enriched_at, updated_at
+                    version, enriched_at, updated_at
                FROM enriched_profiles WHERE uuid = ?1",
         )
         .bind(uuid.hyphenated())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(EnrichedProfile::try_from).transpose()
+        Ok(row.map(ProfileRow::into_profile).transpose()?.flatten())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

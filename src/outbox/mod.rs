@@ -39,17 +39,38 @@ pub async fn enqueue(tx: &mut Tx, envelope: &Envelope) -> sqlx::Result<()> {
     let headers =
         serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     with_tx!(tx, |conn| sqlx::query(
-        "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at, subject)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(DbUuid(envelope.id))
     .bind(&envelope.routing_key)
     .bind(&envelope.payload)
     .bind(&headers)
     .bind(envelope.occurred_at)
+    .bind(envelope.subject())
     .execute(&mut **conn)
     .await
     .map(drop))
+}
+
+/// Inside the caller's transaction, erases `subject` from the outbox: its unsent
+/// events are dropped (what they announce no longer exists), and the payloads of the
+/// sent ones still retained are replaced by `{"uuid": subject, "erased": true}`, so no
+/// personal data stays behind. Their ids and routing keys remain, for the record.
+pub async fn erase_subject(tx: &mut Tx, subject: &str) -> sqlx::Result<()> {
+    let erased = serde_json::json!({ "uuid": subject, "erased": true }).to_string();
+    with_tx!(tx, |conn| {
+        sqlx::query("DELETE FROM outbox WHERE subject = $1 AND sent_at IS NULL")
+            .bind(subject)
+            .execute(&mut **conn)
+            .await?;
+        sqlx::query("UPDATE outbox SET payload = $2 WHERE subject = $1")
+            .bind(subject)
+            .bind(&erased)
+            .execute(&mut **conn)
+            .await
+            .map(drop)
+    })
 }
 
 #[derive(sqlx::FromRow)]

@@ -103,6 +103,13 @@ pub struct NewUser {
     pub email: Email,
 }
 
+/// A change to a user: the fields to set, the others left alone.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    pub name: Option<UserName>,
+    pub email: Option<Email>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
-//! Users module: registers and looks up users, and announces each new user with a
-//! `user.created` event through the outbox. Knows nothing of enrichment.
+//! Users module: registers, changes, erases and looks up users, and announces each
+//! change with an event (`user.created`, `user.updated`, `user.deleted`) written
+//! through the outbox in the change's own transaction. Knows nothing of enrichment.
 
+pub(crate) mod changes;
 mod domain;
+mod idempotency;
 mod repository;
 pub(crate) mod routes;
 mod sql;
@@ -11,21 +14,33 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-pub use domain::{Email, NewUser, UserName, mask_email};
-pub use repository::{CreateUserError, ListQuery, User, UserRepository};
+pub use domain::{Email, NewUser, UserName, UserPatch, mask_email};
+pub use repository::{
+    ChangeUserError, CreateUserError, Created, Expected, IdempotencyKey, ListQuery, Selection,
+    User, UserRepository,
+};
 pub use routes::{CreateUserRequest, UserResponse, configure};
-pub use sql::SqlUserRepository;
+pub use sql::{IDEMPOTENCY_KEY_LIFETIME, SqlUserRepository};
 
 use crate::bus::headers;
-use crate::cache::{self, Cache};
+use crate::cache::{self, Cache, Cached};
 use crate::outbox::OutboxSignal;
 
-/// The module's public facade: what routes, the combined view and tests use.
+/// The module's public facade: what routes, the combined view, the CLI and tests use.
 #[derive(Clone)]
 pub struct Users {
     repository: Arc<dyn UserRepository>,
     outbox: OutboxSignal,
     cache: Arc<dyn Cache>,
+}
+
+/// Headers of the events a request causes.
+fn event_headers(request_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(headers::REQUEST_ID.to_owned(), request_id.to_owned())])
+}
+
+fn cache_key(uuid: Uuid) -> String {
+    cache::key("user", uuid)
 }
 
 impl Users {
@@ -41,32 +56,131 @@ impl Users {
         }
     }
 
-    /// Stores the user and its event atomically, then wakes the outbox relay.
-    #[tracing::instrument(skip(self, user, request_id), fields(email = ?user.email))]
-    pub async fn register(&self, user: NewUser, request_id: &str) -> Result<User, CreateUserError> {
-        let event_headers =
-            BTreeMap::from([(headers::REQUEST_ID.to_owned(), request_id.to_owned())]);
-        let user = self.repository.create(&user, event_headers).await?;
+    /// Stores the user and its event atomically, then wakes the outbox relay. With an
+    /// idempotency key already used for the same request, answers with the user that
+    /// request created, and stores nothing.
+    #[tracing::instrument(skip_all, fields(email = ?user.email))]
+    pub async fn register(
+        &self,
+        user: NewUser,
+        request_id: &str,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Created, CreateUserError> {
+        let created = self
+            .repository
+            .create(&user, event_headers(request_id), idempotency)
+            .await?;
+        match &created {
+            Created::New(user) => {
+                self.outbox.notify();
+                tracing::info!(user = %user.uuid, "user registered");
+            }
+            Created::Replayed(user) => {
+                tracing::info!(user = %user.uuid, "idempotent create replayed");
+            }
+        }
+        Ok(created)
+    }
+
+    /// Changes a user and writes the new version through the cache.
+    #[tracing::instrument(skip_all, fields(user = %uuid))]
+    pub async fn update(
+        &self,
+        uuid: Uuid,
+        patch: &UserPatch,
+        expected: &Expected,
+        request_id: &str,
+    ) -> Result<User, ChangeUserError> {
+        let user = self
+            .repository
+            .update(uuid, patch, expected, event_headers(request_id))
+            .await?;
+        cache::put_json(self.cache.as_ref(), &cache_key(uuid), user.version, &user).await;
         self.outbox.notify();
-        tracing::info!(user = %user.uuid, "user registered");
+        tracing::info!(version = user.version, "user updated");
         Ok(user)
     }
 
-    /// Read-through: users never change once created, so a cached user is never stale.
+    /// Deletes a user and every trace of it this module holds (see
+    /// [`UserRepository::delete`]); the cache keeps a tombstone, so a late read-through
+    /// fill cannot bring the user back.
+    #[tracing::instrument(skip_all, fields(user = %uuid))]
+    pub async fn delete(
+        &self,
+        uuid: Uuid,
+        expected: &Expected,
+        request_id: &str,
+    ) -> Result<(), ChangeUserError> {
+        let version = self
+            .repository
+            .delete(uuid, expected, event_headers(request_id))
+            .await?;
+        cache::put_gone(self.cache.as_ref(), &cache_key(uuid), version).await;
+        self.outbox.notify();
+        tracing::info!(version, "user deleted");
+        Ok(())
+    }
+
+    /// Read-through. A change writes its new version into the cache, and the cache
+    /// keeps the newest version it was given, so a fill racing a change cannot leave
+    /// the old user behind.
     pub async fn find(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
-        let key = cache::key("user", uuid);
-        if let Some(user) = cache::get_json(self.cache.as_ref(), &key).await {
-            return Ok(Some(user));
+        let key = cache_key(uuid);
+        match cache::get_json(self.cache.as_ref(), &key).await {
+            Cached::Hit(user) => return Ok(Some(user)),
+            Cached::Gone => return Ok(None),
+            Cached::Miss => {}
         }
         let user = self.repository.get(uuid).await?;
         if let Some(user) = &user {
-            cache::set_json(self.cache.as_ref(), &key, user).await;
+            cache::put_json(self.cache.as_ref(), &key, user.version, user).await;
         }
         Ok(user)
     }
 
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {
         self.repository.list(query).await
+    }
+
+    /// Republishes the users of `selection` as `user.updated` (reason `reenrich`), in
+    /// pages of `page_size`, so consumers rebuild what they derive from users. Calls
+    /// `progress` with the running total after each page; returns the total.
+    pub async fn republish(
+        &self,
+        selection: &Selection,
+        page_size: u32,
+        request_id: &str,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, sqlx::Error> {
+        let mut after = None;
+        let mut total = 0;
+        loop {
+            let (last, count) = self
+                .repository
+                .republish_page(
+                    selection,
+                    after,
+                    page_size.max(1),
+                    event_headers(request_id),
+                )
+                .await?;
+            total += count;
+            if count > 0 {
+                self.outbox.notify();
+            }
+            progress(total);
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        tracing::info!(total, "users republished");
+        Ok(total)
+    }
+
+    /// How many users `selection` holds.
+    pub async fn count(&self, selection: &Selection) -> Result<u64, sqlx::Error> {
+        self.repository.count(selection).await
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {

@@ -1,13 +1,17 @@
-//! HTTP routes of the users module (`/api/users`).
+//! HTTP routes of the users module (`/api/users`): create, list, read; changes are in
+//! `changes.rs`.
 
 use actix_web::http::header;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{CreateUserError, Email, ListQuery, NewUser, User, UserName, Users};
+use super::changes::{delete_user, patch_user};
+use super::idempotency::{self, IDEMPOTENT_REPLAYED};
+use super::{CreateUserError, Created, Email, ListQuery, NewUser, User, UserName, Users};
+use crate::web::conditional::{json_tagged, version_tag};
 use crate::web::problem::{ApiError, ApiResult, FieldErrors, Problem};
 use crate::web::{RequestId, UuidParam, page_size};
 
@@ -21,7 +25,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create_user))
             .route(web::get().to(list_users)),
     )
-    .service(web::resource("/api/users/{uuid}").route(web::get().to(get_user)));
+    .service(
+        web::resource("/api/users/{uuid}")
+            .route(web::get().to(get_user))
+            .route(web::patch().to(patch_user))
+            .route(web::delete().to(delete_user)),
+    );
 }
 
 /// Body of `POST /api/users`.
@@ -95,40 +104,69 @@ impl From<User> for UserResponse {
 /// Create a user.
 ///
 /// Stores the user and its `user.created` event in one transaction; enrichment follows
-/// asynchronously (see `GET /api/users/{uuid}/profile`).
+/// asynchronously (see `GET /api/users/{uuid}/profile`). With an `Idempotency-Key`, a
+/// retry of the same request within 24 hours answers the first response again (with
+/// `Idempotent-Replayed: true`), creating nothing; the same key with another request
+/// is refused with 422.
 #[utoipa::path(
     post,
     path = "/api/users",
     tag = "users",
     request_body = CreateUserRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "A key of the caller's choice (1 to 255 printable ASCII characters, optionally quoted) that makes retries of this request safe for 24 hours"),
+    ),
     responses(
-        (status = 201, description = "User created", body = UserResponse,
-         headers(("Location" = String, description = "URL of the new user"))),
+        (status = 201, description = "User created (or, for a repeated `Idempotency-Key`, the user the first request created)", body = UserResponse,
+         headers(
+            ("Location" = String, description = "URL of the new user"),
+            ("ETag" = String, description = "The user's version"),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the first response to the `Idempotency-Key`"),
+         )),
         (status = 400, description = "Invalid input, with per-field `errors`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The e-mail address is taken (ignoring case)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The `Idempotency-Key` was used with another request", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create_user(
+    req: HttpRequest,
     users: web::Data<Users>,
     request_id: RequestId,
     body: web::Json<CreateUserRequest>,
 ) -> ApiResult<HttpResponse> {
-    let new_user = NewUser::try_from(body.into_inner())?;
-    let user = users
-        .register(new_user, request_id.as_str())
+    let body = body.into_inner();
+    let fingerprint = idempotency::fingerprint(body.name.as_deref(), body.email.as_deref());
+    let key = idempotency::key_of(&req, fingerprint)?;
+    let new_user = NewUser::try_from(body)?;
+    let created = users
+        .register(new_user, request_id.as_str(), key.as_ref())
         .await
         .map_err(|e| match e {
             CreateUserError::EmailTaken => ApiError::Conflict {
                 field: "email",
                 detail: "The email has already been taken.".into(),
             },
+            CreateUserError::KeyReused => ApiError::Unprocessable(
+                "This Idempotency-Key was used with another request; use a new key for a \
+                 new request"
+                    .into(),
+            ),
             CreateUserError::Storage(e) => e.into(),
         })?;
-    Ok(HttpResponse::Created()
+    let (user, replayed) = match created {
+        Created::New(user) => (user, false),
+        Created::Replayed(user) => (user, true),
+    };
+    let mut response = HttpResponse::Created();
+    response
         .insert_header((header::LOCATION, format!("/api/users/{}", user.uuid)))
-        .json(UserResponse::from(user)))
+        .insert_header(header::ETag(version_tag(user.version)));
+    if replayed {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    Ok(response.json(UserResponse::from(user)))
 }
 
 /// Query of `GET /api/users`. Parsed by hand so each bad value gets a field error.
@@ -235,20 +273,28 @@ pub async fn list_users(
     get,
     path = "/api/users/{uuid}",
     tag = "users",
-    params(("uuid" = String, Path, description = "The user's uuid", example = "01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d")),
+    params(
+        ("uuid" = uuid::Uuid, Path, description = "The user's uuid", example = "01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` of this user the client holds"),
+    ),
     responses(
-        (status = 200, description = "The user", body = UserResponse),
+        (status = 200, description = "The user", body = UserResponse,
+         headers(("ETag" = String, description = "The user's version, for `If-None-Match` and `If-Match`"))),
+        (status = 304, description = "Not modified since the `ETag` in `If-None-Match`"),
         (status = 400, description = "Malformed uuid", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get_user(
+    req: HttpRequest,
     users: web::Data<Users>,
     UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
-    let user = users
-        .find(uuid)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("No user with uuid {uuid}")))?;
-    Ok(HttpResponse::Ok().json(UserResponse::from(user)))
+    let user = users.find(uuid).await?.ok_or_else(|| not_found(uuid))?;
+    let tag = version_tag(user.version);
+    Ok(json_tagged(&req, tag, &UserResponse::from(user)))
+}
+
+pub(super) fn not_found(uuid: Uuid) -> ApiError {
+    ApiError::NotFound(format!("No user with uuid {uuid}"))
 }

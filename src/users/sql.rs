@@ -1,17 +1,25 @@
 //! The user repository on SQLite or PostgreSQL: one SQL text per operation, run on
-//! whichever pool `database.url` chose (`$N` placeholders; uuids through [`DbUuid`];
-//! the user row and its event in one transaction).
+//! whichever pool `database.url` chose (`$N` placeholders; uuids and timestamps through
+//! [`DbUuid`] and [`DbTime`]). Every change writes its event in the same transaction.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::domain::NewUser;
-use super::repository::{CreateUserError, ListQuery, User, UserRepository, user_created};
-use crate::db::{Database, DbUuid};
-use crate::{outbox, with_pool, with_tx};
+use super::domain::{NewUser, UserPatch};
+use super::repository::{
+    ChangeUserError, CreateUserError, Created, Expected, IdempotencyKey, ListQuery, Selection,
+    User, UserRepository, user_created, user_deleted, user_updated,
+};
+use crate::db::{Database, DbTime, DbUuid, Tx};
+use crate::events::REASON_REENRICH;
+use crate::{bus, outbox, with_pool, with_tx};
+
+/// How long an idempotency key answers with its first response.
+pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 pub struct SqlUserRepository {
     db: Database,
@@ -30,6 +38,7 @@ struct UserRow {
     email: String,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    version: i64,
 }
 
 impl From<UserRow> for User {
@@ -40,26 +49,41 @@ impl From<UserRow> for User {
             email: row.email,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            version: u64::try_from(row.version).unwrap_or(0),
         }
     }
 }
 
-/// True when `error` is the violation of the unique constraint `users_email_key`.
-/// PostgreSQL reports the constraint's name; SQLite only names the column, which the
-/// schema names alike.
-fn email_taken(error: &sqlx::Error) -> bool {
+/// True when `error` violates a unique constraint of `table` (PostgreSQL names the
+/// constraint; SQLite names the table's columns in its message).
+fn violates(error: &sqlx::Error, constraint: &str, sqlite_columns: &str) -> bool {
     match error {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
-            db.constraint() == Some("users_email_key") || db.message().contains("users.email_key")
+            db.constraint() == Some(constraint) || db.message().contains(sqlite_columns)
         }
         _ => false,
     }
 }
 
+/// The database enforces e-mail uniqueness (`users_email_key`); the code does not
+/// race it with a SELECT first.
+fn email_taken(error: &sqlx::Error) -> bool {
+    violates(error, "users_email_key", "users.email_key")
+}
+
+fn key_taken(error: &sqlx::Error) -> bool {
+    violates(error, "idempotency_keys_pkey", "idempotency_keys.scope")
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
 /// The list query for `query`, with only the predicates it needs, so each shape gets
 /// a plan of its own instead of one generic plan full of `$N IS NULL OR …`.
 /// UUIDv7s sort by creation time (as text too), so the uuid is the keyset. `q` is a
-/// substring of the lower-cased name or e-mail: `LIKE` with `%`, `_` and `\` escaped.
+/// substring of the lower-cased name or e-mail: `LIKE` with `%`, `_` and `\` escaped,
+/// which PostgreSQL answers from trigram indexes.
 fn list_sql(query: &ListQuery) -> String {
     let mut conditions = Vec::new();
     let mut next = 1;
@@ -73,15 +97,19 @@ fn list_sql(query: &ListQuery) -> String {
         ));
         next += 1;
     }
-    let filter = if conditions.is_empty() {
+    format!(
+        "SELECT uuid, name, email, created_at, updated_at, version FROM users {}
+          ORDER BY uuid DESC LIMIT ${next}",
+        where_clause(&conditions)
+    )
+}
+
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
         String::new()
     } else {
         format!("WHERE {}", conditions.join(" AND "))
-    };
-    format!(
-        "SELECT uuid, name, email, created_at, updated_at FROM users {filter}
-          ORDER BY uuid DESC LIMIT ${next}"
-    )
+    }
 }
 
 /// `%q%` for `LIKE … ESCAPE '\'`, lower-cased like the `*_key` columns.
@@ -98,25 +126,137 @@ fn contains_pattern(q: &str) -> String {
     pattern
 }
 
-#[async_trait]
-impl UserRepository for SqlUserRepository {
-    #[tracing::instrument(name = "users.create", skip_all)]
-    async fn create(
+/// The filter of a [`Selection`] (after a keyset condition on `$1` when `after`),
+/// with its placeholders numbered from `next`.
+fn selection_sql(selection: &Selection, after: bool) -> (Vec<String>, usize) {
+    let mut conditions = Vec::new();
+    let mut next = 1;
+    if after {
+        conditions.push(format!("uuid < ${next}"));
+        next += 1;
+    }
+    match selection {
+        Selection::All => {}
+        Selection::Since(_) => {
+            conditions.push(format!("updated_at >= ${next}"));
+            next += 1;
+        }
+        Selection::Some(uuids) => {
+            let list: Vec<String> = (0..uuids.len()).map(|i| format!("${}", next + i)).collect();
+            // An empty list selects nothing.
+            conditions.push(if list.is_empty() {
+                "1 = 0".to_owned()
+            } else {
+                format!("uuid IN ({})", list.join(", "))
+            });
+            next += uuids.len();
+        }
+    }
+    (conditions, next)
+}
+
+/// Binds the values of [`selection_sql`] to `$query`, in the same order.
+macro_rules! bind_selection {
+    ($query:expr, $selection:expr, $after:expr) => {{
+        let mut query = $query;
+        if let Some(after) = $after {
+            query = query.bind(DbUuid(after));
+        }
+        match $selection {
+            Selection::All => {}
+            Selection::Since(since) => query = query.bind(DbTime(*since)),
+            Selection::Some(uuids) => {
+                for uuid in uuids {
+                    query = query.bind(DbUuid(*uuid));
+                }
+            }
+        }
+        query
+    }};
+}
+
+const SELECT_USER: &str =
+    "SELECT uuid, name, email, created_at, updated_at, version FROM users WHERE uuid = $1";
+const SELECT_USER_FOR_UPDATE: &str = "SELECT uuid, name, email, created_at, updated_at, version \
+                                      FROM users WHERE uuid = $1 FOR UPDATE";
+
+/// Reads the user inside `tx`, locked until the transaction ends. SQLite has no row
+/// locks and needs none: its write transactions run one at a time.
+async fn locked(tx: &mut Tx, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
+    let sql = match tx {
+        Tx::Sqlite(_) => SELECT_USER,
+        Tx::Postgres(_) => SELECT_USER_FOR_UPDATE,
+    };
+    let row: Option<UserRow> = with_tx!(tx, |conn| sqlx::query_as(sql)
+        .bind(DbUuid(uuid))
+        .fetch_optional(&mut **conn)
+        .await)?;
+    Ok(row.map(User::from))
+}
+
+/// The current user, if a change with `expected` may apply to it.
+async fn expected_user(
+    tx: &mut Tx,
+    uuid: Uuid,
+    expected: &Expected,
+) -> Result<User, ChangeUserError> {
+    let user = locked(tx, uuid).await?.ok_or(ChangeUserError::NotFound)?;
+    if !user.is_expected(expected) {
+        return Err(ChangeUserError::VersionMismatch {
+            current: user.version,
+        });
+    }
+    Ok(user)
+}
+
+impl SqlUserRepository {
+    /// One attempt at a create; see [`UserRepository::create`].
+    async fn try_create(
         &self,
-        user: &NewUser,
+        new: &NewUser,
         event_headers: BTreeMap<String, String>,
-    ) -> Result<User, CreateUserError> {
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Created, CreateUserError> {
         let mut tx = self.db.begin().await?;
+        if let Some(key) = idempotency {
+            // A use of the key older than its lifetime is forgotten.
+            with_tx!(&mut tx, |conn| sqlx::query(
+                "DELETE FROM idempotency_keys
+                  WHERE scope = $1 AND key = $2 AND expires_at_ms <= $3"
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .bind(now_ms())
+            .execute(&mut **conn)
+            .await
+            .map(drop))?;
+            let earlier: Option<(String, String)> = with_tx!(&mut tx, |conn| sqlx::query_as(
+                "SELECT fingerprint, response FROM idempotency_keys
+                  WHERE scope = $1 AND key = $2"
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .fetch_optional(&mut **conn)
+            .await)?;
+            if let Some((fingerprint, response)) = earlier {
+                if fingerprint != key.fingerprint {
+                    return Err(CreateUserError::KeyReused);
+                }
+                let user = serde_json::from_str(&response)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                return Ok(Created::Replayed(user));
+            }
+        }
         let row: UserRow = with_tx!(&mut tx, |conn| sqlx::query_as(
             "INSERT INTO users (uuid, name, email, email_key, name_key)
              VALUES ($1, $2, $3, $4, $5)
-             RETURNING uuid, name, email, created_at, updated_at"
+             RETURNING uuid, name, email, created_at, updated_at, version"
         )
         .bind(DbUuid(Uuid::now_v7()))
-        .bind(user.name.as_str())
-        .bind(user.email.as_str())
-        .bind(user.email.key())
-        .bind(user.name.as_str().to_lowercase())
+        .bind(new.name.as_str())
+        .bind(new.email.as_str())
+        .bind(new.email.key())
+        .bind(new.name.as_str().to_lowercase())
         .fetch_one(&mut **conn)
         .await)
         .map_err(|e| {
@@ -128,18 +268,138 @@ impl UserRepository for SqlUserRepository {
         })?;
         let user = User::from(row);
         outbox::enqueue(&mut tx, &user_created(&user, event_headers)?).await?;
+        if let Some(key) = idempotency {
+            let response =
+                serde_json::to_string(&user).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            let lifetime = i64::try_from(IDEMPOTENCY_KEY_LIFETIME.as_millis()).unwrap_or(i64::MAX);
+            with_tx!(&mut tx, |conn| sqlx::query(
+                "INSERT INTO idempotency_keys
+                     (scope, key, fingerprint, subject, response, expires_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .bind(&key.fingerprint)
+            .bind(user.uuid.to_string())
+            .bind(&response)
+            .bind(now_ms().saturating_add(lifetime))
+            .execute(&mut **conn)
+            .await
+            .map(drop))?;
+        }
+        tx.commit().await?;
+        Ok(Created::New(user))
+    }
+}
+
+#[async_trait]
+impl UserRepository for SqlUserRepository {
+    #[tracing::instrument(name = "users.create", skip_all)]
+    async fn create(
+        &self,
+        new: &NewUser,
+        event_headers: BTreeMap<String, String>,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Created, CreateUserError> {
+        match self
+            .try_create(new, event_headers.clone(), idempotency)
+            .await
+        {
+            // The same key in two concurrent requests (PostgreSQL; SQLite runs them one
+            // after the other): the loser's transaction is rolled back, user and event
+            // included, and a second attempt answers with what the winner created.
+            Err(CreateUserError::Storage(e)) if key_taken(&e) => {
+                self.try_create(new, event_headers, idempotency).await
+            }
+            other => other,
+        }
+    }
+
+    #[tracing::instrument(name = "users.update", skip_all, fields(user = %uuid))]
+    async fn update(
+        &self,
+        uuid: Uuid,
+        patch: &UserPatch,
+        expected: &Expected,
+        event_headers: BTreeMap<String, String>,
+    ) -> Result<User, ChangeUserError> {
+        let mut tx = self.db.begin().await?;
+        let current = expected_user(&mut tx, uuid, expected).await?;
+        let name = patch
+            .name
+            .as_ref()
+            .map_or(current.name.as_str(), |n| n.as_str());
+        let email = patch.email.as_ref();
+        if name == current.name && email.is_none_or(|e| e.as_str() == current.email) {
+            return Ok(current);
+        }
+        let (email, email_key) = match email {
+            Some(email) => (email.as_str().to_owned(), email.key()),
+            None => (current.email.clone(), current.email.to_lowercase()),
+        };
+        let row: UserRow = with_tx!(&mut tx, |conn| sqlx::query_as(
+            "UPDATE users
+                SET name = $2, email = $3, email_key = $4, name_key = $5,
+                    version = version + 1, updated_at = $6
+              WHERE uuid = $1
+          RETURNING uuid, name, email, created_at, updated_at, version"
+        )
+        .bind(DbUuid(uuid))
+        .bind(name)
+        .bind(&email)
+        .bind(&email_key)
+        .bind(name.to_lowercase())
+        .bind(DbTime::now())
+        .fetch_one(&mut **conn)
+        .await)
+        .map_err(|e| {
+            if email_taken(&e) {
+                ChangeUserError::EmailTaken
+            } else {
+                ChangeUserError::Storage(e)
+            }
+        })?;
+        let user = User::from(row);
+        outbox::enqueue(&mut tx, &user_updated(&user, event_headers)?).await?;
         tx.commit().await?;
         Ok(user)
     }
 
+    #[tracing::instrument(name = "users.delete", skip_all, fields(user = %uuid))]
+    async fn delete(
+        &self,
+        uuid: Uuid,
+        expected: &Expected,
+        event_headers: BTreeMap<String, String>,
+    ) -> Result<u64, ChangeUserError> {
+        let mut tx = self.db.begin().await?;
+        let current = expected_user(&mut tx, uuid, expected).await?;
+        let subject = uuid.to_string();
+        with_tx!(&mut tx, |conn| {
+            sqlx::query("DELETE FROM users WHERE uuid = $1")
+                .bind(DbUuid(uuid))
+                .execute(&mut **conn)
+                .await?;
+            // The responses kept for idempotency keys hold the name and e-mail.
+            sqlx::query("DELETE FROM idempotency_keys WHERE subject = $1")
+                .bind(&subject)
+                .execute(&mut **conn)
+                .await
+                .map(drop)
+        })?;
+        outbox::erase_subject(&mut tx, &subject).await?;
+        let version = current.version + 1;
+        outbox::enqueue(&mut tx, &user_deleted(uuid, version, event_headers)?).await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
     #[tracing::instrument(name = "users.get", skip(self))]
     async fn get(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
-        let row: Option<UserRow> = with_pool!(&self.db, |pool| sqlx::query_as(
-            "SELECT uuid, name, email, created_at, updated_at FROM users WHERE uuid = $1"
-        )
-        .bind(DbUuid(uuid))
-        .fetch_optional(pool)
-        .await)?;
+        let row: Option<UserRow> = with_pool!(&self.db, |pool| sqlx::query_as(SELECT_USER)
+            .bind(DbUuid(uuid))
+            .fetch_optional(pool)
+            .await)?;
         Ok(row.map(User::from))
     }
 
@@ -159,6 +419,52 @@ impl UserRepository for SqlUserRepository {
             select.bind(i64::from(query.limit)).fetch_all(pool).await
         })?;
         Ok(rows.into_iter().map(User::from).collect())
+    }
+
+    #[tracing::instrument(name = "users.republish", skip_all)]
+    async fn republish_page(
+        &self,
+        selection: &Selection,
+        after: Option<Uuid>,
+        limit: u32,
+        mut event_headers: BTreeMap<String, String>,
+    ) -> Result<(Option<Uuid>, u64), sqlx::Error> {
+        event_headers.insert(bus::headers::REASON.into(), REASON_REENRICH.into());
+        let (conditions, next) = selection_sql(selection, after.is_some());
+        let sql = format!(
+            "SELECT uuid, name, email, created_at, updated_at, version FROM users {}
+              ORDER BY uuid DESC LIMIT ${next}",
+            where_clause(&conditions)
+        );
+        let mut tx = self.db.begin().await?;
+        let rows: Vec<UserRow> = with_tx!(&mut tx, |conn| {
+            let select = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()));
+            bind_selection!(select, selection, after)
+                .bind(i64::from(limit))
+                .fetch_all(&mut **conn)
+                .await
+        })?;
+        let mut last = None;
+        let count = rows.len() as u64;
+        for row in rows {
+            let user = User::from(row);
+            last = Some(user.uuid);
+            outbox::enqueue(&mut tx, &user_updated(&user, event_headers.clone())?).await?;
+        }
+        tx.commit().await?;
+        Ok((last.filter(|_| count == u64::from(limit)), count))
+    }
+
+    async fn count(&self, selection: &Selection) -> Result<u64, sqlx::Error> {
+        let (conditions, _) = selection_sql(selection, false);
+        let sql = format!("SELECT COUNT(*) FROM users {}", where_clause(&conditions));
+        let n: i64 = with_pool!(&self.db, |pool| {
+            let select = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()));
+            bind_selection!(select, selection, None::<Uuid>)
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn ping(&self) -> Result<(), sqlx::Error> {
@@ -196,5 +502,21 @@ mod tests {
     fn like_wildcards_in_q_are_literal() {
         assert_eq!(contains_pattern("50%_Off\\"), "%50\\%\\_off\\\\%");
         assert_eq!(contains_pattern("JOÃO"), "%joão%");
+    }
+
+    #[test]
+    fn selections_number_their_placeholders_after_the_keyset() {
+        let (conditions, next) = selection_sql(&Selection::All, false);
+        assert!(conditions.is_empty());
+        assert_eq!(next, 1);
+        let (conditions, next) = selection_sql(&Selection::Since(Utc::now()), true);
+        assert_eq!(conditions, ["uuid < $1", "updated_at >= $2"]);
+        assert_eq!(next, 3);
+        let uuids = vec![Uuid::nil(), Uuid::max()];
+        let (conditions, next) = selection_sql(&Selection::Some(uuids), false);
+        assert_eq!(conditions, ["uuid IN ($1, $2)"]);
+        assert_eq!(next, 3);
+        let (conditions, _) = selection_sql(&Selection::Some(Vec::new()), false);
+        assert_eq!(conditions, ["1 = 0"]);
     }
 }

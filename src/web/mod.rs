@@ -4,6 +4,7 @@
 //! the business of the composition (`app`), which hands them to [`serve`].
 
 pub mod auth;
+pub mod conditional;
 pub mod extract;
 mod hardening;
 pub mod identity;

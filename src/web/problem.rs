@@ -74,6 +74,16 @@ pub enum ApiError {
     NotFound(String),
     #[error("{detail}")]
     Conflict { field: &'static str, detail: String },
+    /// 412: an `If-Match` names no current version.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// 428: the change must carry `If-Match`.
+    #[error("{0}")]
+    PreconditionRequired(String),
+    /// 422: well-formed, but not something the server can act on (e.g. an
+    /// idempotency key reused with another request).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -108,6 +118,15 @@ impl ApiError {
                     vec![detail.clone()],
                 )])),
             },
+            Self::PreconditionFailed(detail) => {
+                Problem::status(StatusCode::PRECONDITION_FAILED).detail(detail)
+            }
+            Self::PreconditionRequired(detail) => {
+                Problem::status(StatusCode::PRECONDITION_REQUIRED).detail(detail)
+            }
+            Self::Unprocessable(detail) => {
+                Problem::status(StatusCode::UNPROCESSABLE_ENTITY).detail(detail)
+            }
             Self::Unavailable(detail) => {
                 Problem::status(StatusCode::SERVICE_UNAVAILABLE).detail(detail)
             }

@@ -43,12 +43,15 @@ fn protected_routes() -> Vec<(Method, String, &'static str)> {
         ),
         (Method::GET, format!("/users/enriched/{NIL}"), "users:read"),
         (Method::POST, "/api/users".into(), "users:write"),
+        (Method::PATCH, format!("/api/users/{NIL}"), "users:write"),
+        (Method::DELETE, format!("/api/users/{NIL}"), "users:write"),
         (Method::GET, "/admin/dead-letters".into(), "admin"),
         (
             Method::POST,
             format!("/admin/dead-letters/{NIL}/replay"),
             "admin",
         ),
+        (Method::POST, "/admin/reenrich".into(), "admin"),
     ]
 }
 
@@ -58,6 +61,10 @@ async fn send(app: &TestApp, method: &Method, path: &str, token: Option<&str>) -
     if method == Method::POST && path == "/api/users" {
         let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
         request = request.json(&json!({"name": "Grace Hopper", "email": email}));
+    } else if method == Method::PATCH {
+        request = request.json(&json!({"name": "Grace Hopper"}));
+    } else if path == "/admin/reenrich" {
+        request = request.json(&json!({"uuids": []}));
     }
     request.send().await.expect("request sent")
 }

@@ -129,7 +129,7 @@ async fn metrics_count_requests_per_route_deliveries_cache_and_backlog() {
     for expected in [
         r#"userhub_http_requests_total{method="POST",route="/api/users",status="201"} 1"#,
         r#"userhub_http_requests_total{method="GET",route="/api/users/{uuid}",status="200"} 2"#,
-        r#"userhub_deliveries_total{outcome="ok",queue="enrichment.user-created"} 1"#,
+        r#"userhub_deliveries_total{outcome="ok",queue="enrichment.users"} 1"#,
         r#"userhub_cache_lookups_total{result="hit"}"#,
         "userhub_outbox_backlog 0",
         r#"userhub_db_connections{state="size"}"#,

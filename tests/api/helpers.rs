@@ -509,6 +509,34 @@ impl Api {
             .expect("request sent")
     }
 
+    /// Sends `method` to `path` (admin token) with these headers and, if given, a JSON
+    /// body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.expect("request sent")
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &Value) -> Response {
+        self.send(reqwest::Method::PATCH, path, &[], Some(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.send(reqwest::Method::DELETE, path, &[], None).await
+    }
+
     pub async fn post_user(&self, name: &str, email: &str) -> Response {
         self.post_json("/api/users", &json!({"name": name, "email": email}))
             .await
@@ -689,11 +717,11 @@ impl ControlledStore {
     }
 }
 
-use userhub::enrichment::{EnrichedProfile, StoreError};
+use userhub::enrichment::{EnrichedProfile, StoreError, Write};
 
 #[async_trait::async_trait]
 impl ProfileStore for ControlledStore {
-    async fn upsert(&self, profile: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
+    async fn upsert(&self, profile: &EnrichedProfile) -> Result<Write, StoreError> {
         self.upsert_attempts.lock().unwrap().push(Instant::now());
         self.upserted_events
             .lock()
@@ -714,8 +742,17 @@ impl ProfileStore for ControlledStore {
         store.upsert(profile).await
     }
 
-    async fn mark_failed(&self, profile: &EnrichedProfile) -> Result<(), StoreError> {
+    async fn mark_failed(&self, profile: &EnrichedProfile) -> Result<Write, StoreError> {
         self.check()?.mark_failed(profile).await
+    }
+
+    async fn erase(
+        &self,
+        uuid: uuid::Uuid,
+        version: u64,
+        source_event_id: uuid::Uuid,
+    ) -> Result<Write, StoreError> {
+        self.check()?.erase(uuid, version, source_event_id).await
     }
 
     async fn get(&self, uuid: uuid::Uuid) -> Result<Option<EnrichedProfile>, StoreError> {

@@ -1,26 +1,27 @@
-//! The MongoDB profile store against a real server (`USERHUB_TEST_MONGO_URL`): each test
-//! works in a database of its own and drops it at the end.
+//! What is particular to the MongoDB profile store, against a real server
+//! (`USERHUB_TEST_MONGO_URL`): the documents' shape, the index, connecting. What every
+//! profile store must do is in profile_store.rs. Each test works in a database of its
+//! own and drops it at the end.
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SubsecRound, Utc};
 use mongodb::bson::{Bson, Document, doc};
-use userhub::enrichment::{EnrichedProfile, EnrichmentStatus, MongoProfileStore, ProfileStore};
+use userhub::enrichment::{EnrichedProfile, MongoProfileStore, ProfileStore, Write};
 use uuid::Uuid;
 
 use crate::services;
 
 /// A database of the test's own on the test server, with the store connected to it.
-struct TestDatabase {
+pub struct TestDatabase {
     name: String,
     url: String,
     client: mongodb::Client,
-    store: MongoProfileStore,
+    pub store: MongoProfileStore,
 }
 
 impl TestDatabase {
     /// `None` when the tests run without a MongoDB (skipped, said on stderr).
-    async fn create() -> Option<Self> {
+    pub async fn create() -> Option<Self> {
         let base = services::service_url(services::MONGO)?;
         let name = services::unique_name("userhub_test");
         let url = services::mongo_url_with_database(&base, &name);
@@ -59,7 +60,7 @@ impl TestDatabase {
             .expect("count")
     }
 
-    async fn remove(self) {
+    pub async fn remove(self) {
         self.client
             .database(&self.name)
             .drop()
@@ -90,38 +91,8 @@ fn profile(name: &str) -> EnrichedProfile {
         name,
         "joao.silva+work@example.com",
         Uuid::now_v7(),
+        1,
     )
-}
-
-fn millis_ago(ms: i64) -> DateTime<Utc> {
-    (Utc::now() - chrono::Duration::milliseconds(ms)).trunc_subsecs(3)
-}
-
-#[tokio::test]
-async fn upsert_then_get_round_trips() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let profile = profile("João Silva");
-
-    let stored = db.store.upsert(&profile).await.expect("upsert");
-    assert_eq!(stored.uuid, profile.uuid);
-    assert_eq!(stored.name, "João Silva");
-    assert_eq!(stored.email, profile.email);
-    assert_eq!(
-        stored.linkedin.as_deref(),
-        Some("linkedin.com/in/joaosilva")
-    );
-    assert_eq!(stored.github.as_deref(), Some("github.com/joaosilva"));
-    assert_eq!(stored.status, EnrichmentStatus::Completed);
-    assert_eq!(stored.error, None);
-    assert_eq!(stored.source_event_id, profile.source_event_id);
-    assert_eq!(stored.enriched_at, profile.enriched_at);
-
-    let read = db.store.get(profile.uuid).await.expect("get");
-    assert_eq!(read, Some(stored), "get answers what upsert returned");
-    assert_eq!(db.store.get(Uuid::now_v7()).await.expect("get"), None);
-    db.remove().await;
 }
 
 #[tokio::test]
@@ -151,6 +122,7 @@ async fn documents_have_top_level_fields_a_string_uuid_and_bson_dates() {
         raw.get_str("source_event_id").ok(),
         Some(profile.source_event_id.to_string().as_str())
     );
+    assert_eq!(raw.get_i64("version").ok(), Some(1));
     for field in ["enriched_at", "updated_at", "created_at"] {
         assert!(
             matches!(raw.get(field), Some(Bson::DateTime(_))),
@@ -167,123 +139,34 @@ async fn documents_have_top_level_fields_a_string_uuid_and_bson_dates() {
 }
 
 #[tokio::test]
-async fn a_second_upsert_keeps_the_first_enriched_at_in_one_document() {
+async fn an_erased_profile_is_a_tombstone_without_personal_data() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let mut first = profile("João Silva");
-    first.enriched_at = Some(millis_ago(60_000));
-    let stored_first = db.store.upsert(&first).await.expect("first upsert");
-
-    // The redelivered event re-derives the profile later, with a later time.
-    let mut again = first.clone();
-    again.source_event_id = Uuid::now_v7();
-    again.enriched_at = Some(millis_ago(0));
-    let stored_again = db.store.upsert(&again).await.expect("second upsert");
-
-    assert_eq!(stored_again.enriched_at, first.enriched_at, "first kept");
-    assert_eq!(stored_again.source_event_id, again.source_event_id);
-    assert!(stored_again.updated_at >= stored_first.updated_at);
-    assert_eq!(
-        db.store.get(first.uuid).await.expect("get"),
-        Some(stored_again)
-    );
-    assert_eq!(db.count(first.uuid).await, 1);
-    db.remove().await;
-}
-
-#[tokio::test]
-async fn concurrent_upserts_of_a_new_user_leave_one_document() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    // Several users, so that at least some pairs really race to insert (one of them then
-    // loses on the unique index and must go round again, not fail).
-    for _ in 0..8 {
-        let first = profile("Grace Hopper");
-        let mut second = first.clone();
-        second.source_event_id = Uuid::now_v7();
-
-        let (a, b) = tokio::join!(db.store.upsert(&first), db.store.upsert(&second));
-        let (a, b) = (a.expect("one upsert"), b.expect("the other upsert"));
-        assert_eq!(a.enriched_at, first.enriched_at);
-        assert_eq!(b.enriched_at, first.enriched_at);
-        assert_eq!(db.count(first.uuid).await, 1);
-    }
-    db.remove().await;
-}
-
-#[tokio::test]
-async fn mark_failed_never_downgrades_a_completed_profile() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let completed = profile("Alan Turing");
-    let stored = db.store.upsert(&completed).await.expect("upsert");
-    let raw_before = db.raw(completed.uuid).await.expect("document");
-
-    let failed = EnrichedProfile::failed(
-        completed.uuid,
-        "Alan Turing",
-        &completed.email,
-        Uuid::now_v7(),
-        "gave up",
-    );
-    db.store.mark_failed(&failed).await.expect("mark_failed");
-
-    assert_eq!(
-        db.store.get(completed.uuid).await.expect("get"),
-        Some(stored)
-    );
-    assert_eq!(db.raw(completed.uuid).await, Some(raw_before), "untouched");
-    db.remove().await;
-}
-
-#[tokio::test]
-async fn mark_failed_on_a_missing_profile_records_it_and_a_later_upsert_completes_it() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let uuid = Uuid::now_v7();
-    let failed =
-        EnrichedProfile::failed(uuid, "李小龍", "bruce@example.hk", Uuid::now_v7(), "boom");
-    db.store.mark_failed(&failed).await.expect("mark_failed");
-
-    let read = db.store.get(uuid).await.expect("get").expect("recorded");
-    assert_eq!(read.status, EnrichmentStatus::Failed);
-    assert_eq!(read.error.as_deref(), Some("boom"));
-    assert_eq!(read.name, "李小龍");
-    assert_eq!(read.source_event_id, failed.source_event_id);
-    assert_eq!(
-        (read.linkedin, read.github, read.enriched_at),
-        (None, None, None)
-    );
-    let raw = db.raw(uuid).await.expect("document");
-    assert_eq!(raw.get("enriched_at"), Some(&Bson::Null), "{raw}");
-    assert!(
-        matches!(raw.get("created_at"), Some(Bson::DateTime(_))),
-        "{raw}"
-    );
-
-    // Failing again updates the record, still one document.
-    let mut again = failed.clone();
-    again.error = Some("boom again".into());
-    db.store
-        .mark_failed(&again)
+    let profile = profile("Ada Lovelace");
+    db.store.upsert(&profile).await.expect("upsert");
+    let erased = db
+        .store
+        .erase(profile.uuid, 2, Uuid::now_v7())
         .await
-        .expect("mark_failed again");
-    let read = db.store.get(uuid).await.expect("get").expect("recorded");
-    assert_eq!(read.error.as_deref(), Some("boom again"));
-    assert_eq!(db.count(uuid).await, 1);
+        .expect("erase");
+    assert_eq!(erased, Write::Applied);
 
-    // A failed profile is not "first enriched": the upsert's enriched_at wins.
-    let completed = EnrichedProfile::derive(uuid, "李小龍", "bruce@example.hk", Uuid::now_v7());
-    let stored = db.store.upsert(&completed).await.expect("upsert");
-    assert_eq!(stored.status, EnrichmentStatus::Completed);
-    assert_eq!(stored.error, None);
-    assert_eq!(stored.enriched_at, completed.enriched_at);
-    assert_eq!(stored.github.as_deref(), Some("github.com/bruce"));
-    assert_eq!(db.count(uuid).await, 1);
+    let raw = db.raw(profile.uuid).await.expect("tombstone kept");
+    assert_eq!(raw.get_str("status").ok(), Some("deleted"), "{raw}");
+    assert_eq!(raw.get_i64("version").ok(), Some(2), "{raw}");
+    for field in [
+        "name",
+        "email",
+        "linkedin",
+        "github",
+        "error",
+        "enriched_at",
+    ] {
+        assert!(raw.get(field).is_none(), "{field} left in {raw}");
+    }
+    assert!(!raw.to_string().contains("joao.silva"), "{raw}");
+    assert_eq!(db.count(profile.uuid).await, 1);
     db.remove().await;
 }
 

@@ -71,7 +71,10 @@ async fn create_users(pool: &sqlx::PgPool, range: std::ops::Range<usize>) {
             name: UserName::parse(&format!("Person {i}")).unwrap(),
             email: Email::parse(&format!("p{i}@example.com")).unwrap(),
         };
-        repository.create(&user, BTreeMap::new()).await.unwrap();
+        repository
+            .create(&user, BTreeMap::new(), None)
+            .await
+            .unwrap();
     }
 }
 

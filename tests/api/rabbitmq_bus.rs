@@ -106,7 +106,7 @@ fn envelope(payload: &str) -> Envelope {
     headers.insert(headers::EVENT_VERSION.to_owned(), "1".to_owned());
     headers.insert(headers::REQUEST_ID.to_owned(), "req-42".to_owned());
     headers.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
-    Envelope::new(BINDING.routing_key, payload.to_owned(), headers)
+    Envelope::new(BINDING.routing_keys[0], payload.to_owned(), headers)
 }
 
 /// What a scripted handler answers to the `n`-th delivery (1-based) of a message.
@@ -434,7 +434,7 @@ async fn poison_goes_straight_to_the_dead_letters_without_blocking_later_message
     channel
         .basic_publish(
             format!("{prefix}userhub.events").as_str().into(),
-            BINDING.routing_key.into(),
+            BINDING.routing_keys[0].into(),
             BasicPublishOptions::default(),
             &[0xff, 0xfe, 0x00],
             BasicProperties::default()

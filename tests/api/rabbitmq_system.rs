@@ -195,7 +195,7 @@ async fn a_malformed_message_on_the_work_queue_is_dead_lettered_without_blocking
     channel
         .basic_publish(
             format!("{prefix}userhub.events").as_str().into(),
-            userhub::enrichment::BINDING.routing_key.into(),
+            userhub::enrichment::BINDING.routing_keys[0].into(),
             lapin::options::BasicPublishOptions::default(),
             b"{\"uuid\": 42",
             lapin::BasicProperties::default()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_redis::redis::{self, FromRedisValue, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
-use userhub::cache::{self, Cache, CachePolicy, CacheStats, RedisCache};
+use userhub::cache::{self, Cache, CachePolicy, CacheStats, Cached, RedisCache};
 use userhub::resilience::{BreakerPolicy, BreakerState};
 
 use crate::helpers::DEADLINE;
@@ -138,7 +138,7 @@ async fn set_then_get_round_trips_under_the_prefix_with_a_ttl() {
         // Unique, so that the bare-key check below cannot meet another run's leftover.
         let key = cache::key("user", uuid::Uuid::now_v7());
 
-        cache.set(&key, r#"{"name":"Ada"}"#.into()).await;
+        cache.put(&key, 1, r#"{"name":"Ada"}"#.into()).await;
         assert_eq!(cache.get(&key).await.as_deref(), Some(r#"{"name":"Ada"}"#));
 
         let mut redis = raw_connection(&raw_url).await;
@@ -146,8 +146,8 @@ async fn set_then_get_round_trips_under_the_prefix_with_a_ttl() {
         let stored: Option<String> = raw(&mut redis, redis::cmd("GET").arg(&stored_key)).await;
         assert_eq!(
             stored.as_deref(),
-            Some(r#"{"name":"Ada"}"#),
-            "stored under the prefix"
+            Some(r#"1:{"name":"Ada"}"#),
+            "stored under the prefix, with its version"
         );
         let bare: Option<String> = raw(&mut redis, redis::cmd("GET").arg(&key)).await;
         assert_eq!(bare, None, "nothing stored under the bare key");
@@ -191,9 +191,24 @@ async fn json_values_round_trip_through_the_cache_helpers() {
             github: "github.com/joaosilva".into(),
             stars: 7,
         };
-        cache::set_json(&cache, &key, &profile).await;
-        let read: Option<Profile> = cache::get_json(&cache, &key).await;
-        assert_eq!(read, Some(profile));
+        cache::put_json(&cache, &key, 2, &profile).await;
+        let read: Cached<Profile> = cache::get_json(&cache, &key).await;
+        assert_eq!(read, Cached::Hit(profile));
+
+        // An older version (a late read-through fill) never replaces a newer one.
+        let stale = Profile {
+            github: "github.com/old".into(),
+            stars: 1,
+        };
+        cache::put_json(&cache, &key, 1, &stale).await;
+        assert!(
+            matches!(cache::get_json::<Profile>(&cache, &key).await, Cached::Hit(p) if p.stars == 7)
+        );
+
+        // A tombstone at a newer version wins, and an older fill cannot bring it back.
+        cache::put_gone(&cache, &key, 3).await;
+        cache::put_json(&cache, &key, 2, &stale).await;
+        assert_eq!(cache::get_json::<Profile>(&cache, &key).await, Cached::Gone);
     })
     .await;
     assert_eq!(keys, [1]);
@@ -230,9 +245,9 @@ async fn two_prefixes_do_not_see_each_others_keys() {
         let a = cache_at(&cache_url, &prefix_a);
         let b = cache_at(&cache_url, &prefix_b);
 
-        a.set("shared", "from a".into()).await;
-        b.set("shared", "from b".into()).await;
-        a.set("only-a", "a's secret".into()).await;
+        a.put("shared", 1, "from a".into()).await;
+        b.put("shared", 1, "from b".into()).await;
+        a.put("only-a", 1, "a's secret".into()).await;
 
         assert_eq!(a.get("shared").await.as_deref(), Some("from a"));
         assert_eq!(b.get("shared").await.as_deref(), Some("from b"));
@@ -262,7 +277,7 @@ async fn a_dead_redis_degrades_quickly_then_the_breaker_short_circuits() {
     let (value, took) = timed(cache.get("k")).await;
     assert_eq!(value, None);
     assert!(took < CALL_BOUND, "get took {took:?}");
-    let ((), took) = timed(cache.set("k", "v".into())).await;
+    let ((), took) = timed(cache.put("k", 1, "v".into())).await;
     assert!(took < CALL_BOUND, "set took {took:?}");
     let (pinged, took) = timed(cache.ping()).await;
     assert!(pinged.is_err(), "ping reports the dead Redis");
@@ -271,7 +286,7 @@ async fn a_dead_redis_degrades_quickly_then_the_breaker_short_circuits() {
     // Three failures in a row: the breaker is open and Redis is no longer tried.
     assert_eq!(cache.breaker_state(), BreakerState::Open);
     assert_eq!(cache.get("k").await, None);
-    cache.set("k", "v".into()).await;
+    cache.put("k", 1, "v".into()).await;
     let refused = cache.ping().await.expect_err("ping while open");
     assert!(refused.contains("circuit breaker open"), "{refused}");
     assert_eq!(
@@ -311,7 +326,7 @@ async fn a_silent_redis_is_cut_off_by_the_timeout_and_then_not_waited_for() {
     let (value, took) = timed(cache.get("k")).await;
     assert_eq!(value, None);
     assert!(took < TIMEOUT, "short-circuited get took {took:?}");
-    let ((), took) = timed(cache.set("k", "v".into())).await;
+    let ((), took) = timed(cache.put("k", 1, "v".into())).await;
     assert!(took < TIMEOUT, "short-circuited set took {took:?}");
     let stats = cache.stats();
     assert_eq!((stats.errors, stats.short_circuited), (2, 2), "{stats:?}");
@@ -456,9 +471,10 @@ async fn the_cache_recovers_when_redis_comes_back() {
         let mut redis = raw_connection(&url).await;
         let _: () = raw(
             &mut redis,
+            // Stored as the cache stores it: `<version>:<value>`.
             redis::cmd("SET")
                 .arg(format!("{prefix}k"))
-                .arg("v")
+                .arg("1:v")
                 .arg("EX")
                 .arg(60),
         )
@@ -497,7 +513,7 @@ async fn a_redis_that_stops_answering_on_an_open_connection_is_cut_off_by_the_ti
         let proxy = LinkProxy::start(&url, Link::Up).await;
         let cache =
             cache_at(&proxy.url, &prefix).with_breaker(breaker(2, Duration::from_secs(3600)));
-        cache.set("k", "v".into()).await;
+        cache.put("k", 1, "v".into()).await;
         assert_eq!(
             cache.get("k").await.as_deref(),
             Some("v"),

@@ -190,6 +190,16 @@ impl RabbitBus {
             Ok(()) => {
                 ack(delivery).await?;
                 tracing::debug!("message acknowledged");
+                if let Some(subject) = envelope.subject().filter(|_| envelope.erases_subject()) {
+                    // Best effort after the ack: a failure leaves dead letters that a
+                    // replay of this event, or the next erasure, takes away.
+                    match self.purge_dead_letters_of(link, queue, subject).await {
+                        Ok(dead) => tracing::info!(dead, "subject erased from the dead letters"),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not erase the subject's dead letters")
+                        }
+                    }
+                }
                 return Ok(Outcome::Acked);
             }
             Err(HandlerError::Permanent(error)) => {

@@ -17,7 +17,7 @@ use super::codec::{
 use super::link::{Link, ack, close_channel, io};
 use super::topology::QueueTopology;
 use super::{PERSISTENT, RabbitBus};
-use crate::bus::{BusError, DeadLetter};
+use crate::bus::{BusError, DeadLetter, headers};
 
 impl RabbitBus {
     /// Dead letters of every DLQ, oldest first, at most `limit`, after the one `after`.
@@ -68,6 +68,37 @@ impl RabbitBus {
         }
         .await;
         scan.finish().await;
+        result
+    }
+
+    /// Drops the dead letters of `subject` from `queue`'s DLQ (see
+    /// `headers::ERASES_SUBJECT`); the others go back where they were.
+    pub(super) async fn purge_dead_letters_of(
+        &self,
+        link: &Link,
+        queue: &QueueTopology,
+        subject: &str,
+    ) -> Result<u64, BusError> {
+        let channel = io("opening a channel", link.connection.create_channel()).await?;
+        let result = async {
+            let mut dropped = 0;
+            while let Some(message) = io(
+                "reading the dead letters",
+                channel.basic_get(queue.dlq.clone(), BasicGetOptions { no_ack: false }),
+            )
+            .await?
+            {
+                let delivery = message.delivery;
+                let headers = delivery.properties.headers().as_ref();
+                if header_text(headers, headers::SUBJECT).as_deref() == Some(subject) {
+                    ack(&delivery).await?;
+                    dropped += 1;
+                }
+            }
+            Ok(dropped)
+        }
+        .await;
+        close_channel(&channel).await;
         result
     }
 
@@ -178,7 +209,9 @@ pub(super) fn dead_letter(queue: &QueueTopology, delivery: &Delivery) -> DeadLet
         queue: header_text(table, transport::ORIGINAL_QUEUE)
             .unwrap_or_else(|| queue.binding.queue.to_owned()),
         routing_key: header_text(table, transport::ORIGINAL_ROUTING_KEY)
-            .unwrap_or_else(|| queue.binding.routing_key.to_owned()),
+            // Only a message the broker dead-lettered itself lacks it; the queue takes
+            // several keys, so which one it had is unknown.
+            .unwrap_or_default(),
         payload: String::from_utf8_lossy(&delivery.data).into_owned(),
         headers: envelope_headers(table),
         attempts: header_u32(table, transport::ATTEMPTS).unwrap_or(1),

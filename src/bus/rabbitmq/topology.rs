@@ -16,7 +16,7 @@ use crate::bus::{Binding, DeliveryPolicy};
 #[derive(Debug, Clone)]
 pub(super) struct QueueTopology {
     pub(super) binding: Binding,
-    pub(super) routing_key: ShortString,
+    pub(super) routing_keys: Vec<ShortString>,
     pub(super) work: ShortString,
     pub(super) dlq: ShortString,
     /// Retry queue per TTL in milliseconds.
@@ -53,7 +53,11 @@ impl Topology {
             }
             queues.push(QueueTopology {
                 binding: binding.clone(),
-                routing_key: name(binding.routing_key.to_owned())?,
+                routing_keys: binding
+                    .routing_keys
+                    .iter()
+                    .map(|key| name((*key).to_owned()))
+                    .collect::<anyhow::Result<_>>()?,
                 dlq: name(format!("{work}.dlq"))?,
                 work: name(work)?,
                 retries,
@@ -128,15 +132,17 @@ impl Topology {
         channel
             .queue_declare(queue.work.clone(), durable, work_args)
             .await?;
-        channel
-            .queue_bind(
-                queue.work.clone(),
-                self.exchange.clone(),
-                queue.routing_key.clone(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for routing_key in &queue.routing_keys {
+            channel
+                .queue_bind(
+                    queue.work.clone(),
+                    self.exchange.clone(),
+                    routing_key.clone(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         // Retry queues and the DLQ are classic: never consumed, and a DLQ listed by
         // get-and-requeue must not count those requeues as failed deliveries (quorum
         // queues do, and drop messages past their delivery limit).
@@ -190,7 +196,7 @@ mod tests {
 
     const BINDING: Binding = Binding {
         queue: "enrichment.user-created",
-        routing_key: "user.created",
+        routing_keys: &["user.created", "user.updated"],
     };
 
     #[test]
