@@ -253,6 +253,26 @@ impl MongoTestDatabase {
     }
 }
 
+impl MongoTestDatabase {
+    /// Every document of the profile collection, as an operator would read it.
+    pub async fn documents(&self) -> Vec<mongodb::bson::Document> {
+        let client = mongodb::Client::with_uri_str(&self.base)
+            .await
+            .expect("inspection client");
+        let mut cursor = client
+            .database(&self.name)
+            .collection::<mongodb::bson::Document>("enriched_users")
+            .find(mongodb::bson::doc! {})
+            .await
+            .expect("find");
+        let mut documents = Vec::new();
+        while cursor.advance().await.expect("next document") {
+            documents.push(cursor.deserialize_current().expect("a document"));
+        }
+        documents
+    }
+}
+
 impl Drop for MongoTestDatabase {
     fn drop(&mut self) {
         let (base, name) = (self.base.clone(), self.name.clone());

@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod delivery;
 mod enrichment;
+mod erasure;
 mod errors;
 mod hardening;
 mod health;

@@ -212,7 +212,7 @@ pub(crate) async fn raw_channel(url: &str) -> (Connection, Channel) {
 }
 
 /// Ready messages in `queue`.
-async fn depth(url: &str, queue: &str) -> u32 {
+pub(crate) async fn depth(url: &str, queue: &str) -> u32 {
     let (connection, channel) = raw_channel(url).await;
     let declared = channel
         .queue_declare(

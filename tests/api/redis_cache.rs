@@ -62,6 +62,35 @@ async fn raw<T: FromRedisValue>(connection: &mut MultiplexedConnection, cmd: &re
         .expect("raw redis command")
 }
 
+/// The values of every key under `prefix`, as stored.
+pub(crate) async fn values_prefixed(
+    connection: &mut MultiplexedConnection,
+    prefix: &str,
+) -> Vec<String> {
+    let mut cursor: u64 = 0;
+    let mut values = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = raw(
+            connection,
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(100),
+        )
+        .await;
+        for key in keys {
+            let value: Option<String> = raw(connection, redis::cmd("GET").arg(&key)).await;
+            values.extend(value);
+        }
+        if next == 0 {
+            return values;
+        }
+        cursor = next;
+    }
+}
+
 /// Deletes every key under `prefix` (SCAN MATCH prefix* + DEL); returns how many.
 pub(crate) async fn delete_prefixed(connection: &mut MultiplexedConnection, prefix: &str) -> usize {
     let mut cursor: u64 = 0;
