@@ -135,11 +135,11 @@ fn roles_of(list: &[Role]) -> Roles {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("cannot load configuration")?;
-    if matches!(cli.command, Some(Command::Token { .. })) {
-        // stdout carries the token alone.
-        telemetry::init(&settings.log, std::io::stderr);
-    } else {
+    if matches!(cli.command, None | Some(Command::Serve { .. })) {
         telemetry::init(&settings.log, std::io::stdout);
+    } else {
+        // A one-shot command's stdout carries its result alone (a token, JSON lines).
+        telemetry::init(&settings.log, std::io::stderr);
     }
     match cli.command.unwrap_or(Command::Serve {
         roles: vec![Role::Api, Role::Relay, Role::Worker],

@@ -60,3 +60,60 @@ async fn sigterm_stops_the_server_and_its_workers_cleanly() {
         );
     }
 }
+
+#[tokio::test]
+async fn userhub_reenrich_rebuilds_a_lost_profile_store() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("userhub.db").display());
+    let env = [
+        ("APP__DATABASE__URL", url.clone()),
+        ("APP__DOCUMENTS__URL", url.clone()),
+    ];
+    let process = Process::start("api,relay,worker", &env);
+    process.wait_until_ready().await;
+    let mut uuids = Vec::new();
+    for i in 0..3 {
+        let user = process
+            .api
+            .create_user(&format!("Person {i}"), &format!("p{i}@example.com"))
+            .await;
+        uuids.push(user["uuid"].as_str().unwrap().to_owned());
+    }
+    for uuid in &uuids {
+        process
+            .api
+            .wait_for_ok(&format!("/users/enriched/{uuid}"))
+            .await;
+    }
+
+    // The profile store is lost (derived data: it is rebuilt, not restored).
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM enriched_profiles")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_userhub"))
+        .args(["reenrich", "--all"])
+        .env("APP_ENV", "test")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.trim(), "queued 3 users for re-enrichment");
+    // The running server's relay and worker deliver what the command queued.
+    for uuid in &uuids {
+        process
+            .api
+            .wait_for_ok(&format!("/users/enriched/{uuid}"))
+            .await;
+    }
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_userhub"))
+        .args(["reenrich"])
+        .env("APP_ENV", "test")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a selection is required");
+}
