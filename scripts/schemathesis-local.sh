@@ -42,6 +42,7 @@ binary="$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")"
 mkdir -p "$state"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/userhub-schemathesis.XXXXXX")"
 server_pid=""
+runner_pid=""
 
 stop_server() {
     if [ -z "$server_pid" ] || ! kill -0 "$server_pid" 2>/dev/null; then
@@ -62,8 +63,17 @@ stop_server() {
     server_pid=""
 }
 
+stop_runner() {
+    if [ -n "$runner_pid" ] && kill -0 "$runner_pid" 2>/dev/null; then
+        kill -TERM "$runner_pid" 2>/dev/null || true
+        wait "$runner_pid" 2>/dev/null || true
+    fi
+    runner_pid=""
+}
+
 cleanup() {
     local status=$?
+    stop_runner
     stop_server
     rm -rf "$tmp"
     exit "$status"
@@ -112,10 +122,12 @@ until curl --silent --fail --max-time 2 --noproxy '*' -o /dev/null "$base_url/he
 done
 say "server up at $base_url"
 
-set +e
-TOKEN="$token" "$root/scripts/schemathesis.sh" "$base_url" -- "$@"
-status=$?
-set -e
+# In the background so that a SIGTERM/SIGINT sent to this script is handled at once.
+TOKEN="$token" "$root/scripts/schemathesis.sh" "$base_url" -- "$@" &
+runner_pid=$!
+status=0
+wait "$runner_pid" || status=$?
+runner_pid=""
 
 stop_server
 say "server stopped; schemathesis status $status"

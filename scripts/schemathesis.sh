@@ -12,6 +12,10 @@
 # (JUnit XML and NDJSON events); the console output is kept in
 # target/schemathesis/run.log. Anything after `--` is passed to `st run` as is.
 #
+# The document is the one the server serves (BASE_URL/api-docs/openapi.json); set
+# SCHEMATHESIS_SCHEMA to a local file to try a changed document against the same server
+# before changing the server's annotations.
+#
 # Exits with Schemathesis' status: 0 only when no check failed and no error happened,
 # and 1 as well when the run made fewer than $SCHEMATHESIS_MIN_CASES test cases
 # (default 2000).
@@ -67,18 +71,30 @@ export NO_PROXY="127.0.0.1" no_proxy="127.0.0.1"
 export SCHEMATHESIS_BASE_URL="$base_url"
 export USERHUB_TOKEN="$token"
 
+schema="$base_url/api-docs/openapi.json"
+if [ -n "${SCHEMATHESIS_SCHEMA:-}" ]; then
+    schema="$(cd "$(dirname "$SCHEMATHESIS_SCHEMA")" && pwd)/$(basename "$SCHEMATHESIS_SCHEMA")"
+fi
+
 rm -rf "$state/report"
 mkdir -p "$state/report"
 log="$state/run.log"
 
-say "schemathesis $schemathesis_version against $base_url (config: schemathesis.toml)"
+# From here on, everything this script prints is also kept in the log.
+exec > >(tee "$log") 2>&1
+
+say "schemathesis $schemathesis_version against $base_url, document $schema (config: schemathesis.toml)"
 cd "$root"
 started=$(date +%s)
-set +e
-"$venv/bin/st" --config-file "$root/schemathesis.toml" run --no-color \
-    "$base_url/api-docs/openapi.json" "$@" 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-set -e
+# In the background so that a SIGTERM/SIGINT sent to this script reaches it at once
+# (a non-interactive shell would otherwise wait for it, and it ignores SIGINT).
+"$venv/bin/st" --config-file "$root/schemathesis.toml" run --no-color "$schema" "$@" &
+st_pid=$!
+trap 'kill -TERM "$st_pid" 2>/dev/null; wait "$st_pid"; exit 143' TERM
+trap 'kill -TERM "$st_pid" 2>/dev/null; wait "$st_pid"; exit 130' INT
+status=0
+wait "$st_pid" || status=$?
+trap - TERM INT
 elapsed=$(($(date +%s) - started))
 
 # Test cases per phase, counted from the NDJSON event stream.
