@@ -23,22 +23,41 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// Users republished per transaction.
 const REENRICH_PAGE: u32 = 500;
-/// Most uuids one request may name.
-const MAX_REENRICH_UUIDS: usize = 1000;
+/// Most uuids one request may name (250 of them fit in the body limit of 16 KiB).
+const MAX_REENRICH_UUIDS: usize = 250;
 
-/// Body of `POST /admin/reenrich`: exactly one of the three.
+/// Body of `POST /admin/reenrich`: which users, one of three ways.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ReenrichRequest {
+    All(ReenrichAll),
+    Since(ReenrichSince),
+    Uuids(ReenrichUuids),
+}
+
+/// Every user (`false` selects none).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"all": true}))]
+pub struct ReenrichAll {
+    all: bool,
+}
+
+/// Users created or changed at or after an instant.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"since": "2026-11-30T00:00:00Z"}))]
-pub struct ReenrichRequest {
-    /// Every user.
-    #[serde(default)]
-    all: bool,
-    /// Users created or changed at or after this instant.
-    since: Option<DateTime<Utc>>,
-    /// These users (at most 1,000).
-    #[schema(max_items = 1000)]
-    uuids: Option<Vec<Uuid>>,
+pub struct ReenrichSince {
+    since: DateTime<Utc>,
+}
+
+/// These users (at most 250; unknown ones are skipped).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"uuids": ["01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d"]}))]
+pub struct ReenrichUuids {
+    #[schema(max_items = 250)]
+    uuids: Vec<Uuid>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,7 +81,7 @@ pub struct ReenrichResponse {
     request_body = ReenrichRequest,
     responses(
         (status = 202, description = "Queued for re-enrichment", body = ReenrichResponse),
-        (status = 400, description = "Not exactly one of `all`, `since`, `uuids`, or too many uuids", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not one of the three selections, or more than 250 uuids", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
     )
@@ -73,21 +92,10 @@ pub async fn reenrich(
     body: web::Json<ReenrichRequest>,
 ) -> ApiResult<HttpResponse> {
     let selection = match body.into_inner() {
-        ReenrichRequest {
-            all: true,
-            since: None,
-            uuids: None,
-        } => Selection::All,
-        ReenrichRequest {
-            all: false,
-            since: Some(since),
-            uuids: None,
-        } => Selection::Since(since),
-        ReenrichRequest {
-            all: false,
-            since: None,
-            uuids: Some(uuids),
-        } => {
+        ReenrichRequest::All(ReenrichAll { all: true }) => Selection::All,
+        ReenrichRequest::All(ReenrichAll { all: false }) => Selection::Some(Vec::new()),
+        ReenrichRequest::Since(ReenrichSince { since }) => Selection::Since(since),
+        ReenrichRequest::Uuids(ReenrichUuids { uuids }) => {
             if uuids.len() > MAX_REENRICH_UUIDS {
                 return Err(ApiError::field(
                     "uuids",
@@ -95,11 +103,6 @@ pub async fn reenrich(
                 ));
             }
             Selection::Some(uuids)
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "Send exactly one of: \"all\": true, \"since\": <instant>, \"uuids\": [...]".into(),
-            ));
         }
     };
     let queued = users
@@ -126,7 +129,8 @@ pub struct DeadLetterParams {
     /// Page size, 1 to 500 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     limit: Option<String>,
-    /// The last `id` of the previous page (from the `Link` header).
+    /// The last `id` of the previous page (from the `Link` header); an id this server
+    /// did not issue gives an empty page.
     after: Option<String>,
 }
 
@@ -152,13 +156,7 @@ pub async fn list_dead_letters(
 ) -> ApiResult<HttpResponse> {
     let limit = page_size(params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)
         .map_err(|message| ApiError::field("limit", message))?;
-    let page = bus
-        .dead_letters(limit, params.after.as_deref())
-        .await
-        .map_err(|e| match e {
-            BusError::Corrupt(_) => ApiError::field("after", "is not a dead-letter id"),
-            other => other.into(),
-        })?;
+    let page = bus.dead_letters(limit, params.after.as_deref()).await?;
     let mut response = HttpResponse::Ok();
     if page.len() == limit as usize
         && let Some(last) = page.last()

@@ -361,11 +361,12 @@ impl EventBus for InProcessBus {
         limit: u32,
         after: Option<&str>,
     ) -> Result<Vec<DeadLetter>, BusError> {
-        let after: i64 = match after {
+        // Like a broker's listing, which cannot find an id it never issued: a page
+        // after such an id is empty.
+        let after: i64 = match after.map(str::parse) {
             None => 0,
-            Some(id) => id
-                .parse()
-                .map_err(|_| BusError::Corrupt(format!("{id:?} is not a dead-letter id")))?,
+            Some(Ok(id)) => id,
+            Some(Err(_)) => return Ok(Vec::new()),
         };
         let rows: Vec<DeadLetterRow> = with_pool!(&self.db, |pool| sqlx::query_as(
             "SELECT id, queue, message_id, routing_key, payload, headers, attempts, error,

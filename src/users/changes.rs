@@ -19,9 +19,13 @@ use crate::web::{RequestId, UuidParam};
 #[allow(dead_code)] // the body is read as a JSON object, to tell `null` from absent
 #[schema(example = json!({"email": "joao.silva@example.org"}))]
 pub struct PatchUserRequest {
-    /// 3 to 100 characters once trimmed, no control characters.
+    /// 3 to 100 characters once trimmed, no control characters. Cannot be removed
+    /// (`null`).
+    #[schema(value_type = String, required = false)]
     name: Option<String>,
-    /// A valid address of at most 255 characters; unique, ignoring case.
+    /// A valid address of at most 255 characters; unique, ignoring case. Cannot be
+    /// removed (`null`).
+    #[schema(value_type = String, required = false, format = Email, max_length = 255)]
     email: Option<String>,
 }
 
@@ -146,6 +150,7 @@ pub async fn patch_user(
     ),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "Malformed uuid", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`If-Match` names no current version", body = Problem, content_type = "application/problem+json"),
         (status = 428, description = "`If-Match` is required (`http.require_if_match`)", body = Problem, content_type = "application/problem+json"),

@@ -37,11 +37,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"name": "João Silva", "email": "joao.silva+work@example.com"}))]
 pub struct CreateUserRequest {
-    /// 3 to 100 characters once trimmed.
+    /// 3 to 100 characters once trimmed, no control characters.
     #[schema(value_type = String, example = "João Silva")]
     pub name: Option<String>,
     /// A valid address of at most 255 characters; unique, ignoring case.
-    #[schema(value_type = String, example = "joao.silva+work@example.com")]
+    #[schema(value_type = String, format = Email, max_length = 255, example = "joao.silva+work@example.com")]
     pub email: Option<String>,
 }
 
@@ -114,7 +114,8 @@ impl From<User> for UserResponse {
     tag = "users",
     request_body = CreateUserRequest,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "A key of the caller's choice (1 to 255 printable ASCII characters, optionally quoted) that makes retries of this request safe for 24 hours"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-\[\]-~]{1,255}|"[!#-\[\]-~]{1,255}")$"#,
+         description = "A key of the caller's choice (1 to 255 printable ASCII characters but `\"` and `\\`, optionally quoted) that makes retries of this request safe for 24 hours"),
     ),
     responses(
         (status = 201, description = "User created (or, for a repeated `Idempotency-Key`, the user the first request created)", body = UserResponse,
@@ -176,12 +177,64 @@ pub struct ListUsersParams {
     /// Page size, 1 to 200 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 200, example = 50)]
     limit: Option<String>,
-    /// Opaque cursor from the previous page's `Link: <…>; rel="next"` header.
-    #[param(value_type = Option<String>)]
+    /// Cursor from the previous page's `Link: <…>; rel="next"` header.
+    #[param(value_type = Option<uuid::Uuid>)]
     cursor: Option<String>,
-    /// Case-insensitive substring of the name or the e-mail.
+    /// Case-insensitive substring of the name or the e-mail: at most 255 characters once
+    /// trimmed, no control characters; blank means no filter.
     #[param(value_type = Option<String>, example = "silva")]
     q: Option<String>,
+}
+
+/// Rust's `str::trim` strips Unicode `White_Space`; `char::is_control` is category Cc.
+/// Spelt out for JSON Schema (ECMA-262) regular expressions.
+const WHITE_SPACE: &str =
+    r"\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000";
+const CONTROL: &str = r"\u0000-\u001F\u007F-\u009F";
+
+/// What `UserName::parse` accepts: 3 to 100 characters once trimmed, none a control
+/// character.
+fn name_pattern() -> String {
+    let (ws, cc) = (WHITE_SPACE, CONTROL);
+    format!("^[{ws}]*[^{ws}{cc}][^{cc}]{{1,98}}[^{ws}{cc}][{ws}]*$")
+}
+
+/// What the `q` filter accepts: at most 255 characters once trimmed, none a control
+/// character (blank is no filter).
+fn query_pattern() -> String {
+    let (ws, cc) = (WHITE_SPACE, CONTROL);
+    format!("^[{ws}]*(?:[^{ws}{cc}](?:[^{cc}]{{0,253}}[^{ws}{cc}])?)?[{ws}]*$")
+}
+
+/// Puts into the OpenAPI document the rules its annotations cannot state: the
+/// patterns of names and of `q`, as the parsers apply them.
+pub fn document(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, Schema};
+    let name = name_pattern();
+    if let Some(components) = openapi.components.as_mut() {
+        for body in ["CreateUserRequest", "PatchUserRequest"] {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(body)
+                && let Some(RefOr::T(Schema::Object(field))) = object.properties.get_mut("name")
+            {
+                field.pattern = Some(name.clone());
+            }
+        }
+    }
+    let list = openapi
+        .paths
+        .paths
+        .get_mut("/api/users")
+        .and_then(|item| item.get.as_mut());
+    for parameter in list
+        .into_iter()
+        .flat_map(|op| op.parameters.iter_mut().flatten())
+    {
+        if parameter.name == "q"
+            && let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut()
+        {
+            schema.pattern = Some(query_pattern());
+        }
+    }
 }
 
 impl ListUsersParams {

@@ -8,6 +8,7 @@ pub mod conditional;
 pub mod extract;
 mod hardening;
 pub mod identity;
+pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
 mod request_id;

@@ -390,7 +390,7 @@ impl ShrinkableKeyedStateStore<ClientKey> for BoundedStore {
 
 /// Whether a path is exempt from limiting: health checks, metrics scrapes and the API
 /// documentation.
-fn is_exempt(path: &str) -> bool {
+pub fn is_exempt(path: &str) -> bool {
     path == "/"
         || path == "/health"
         || path.starts_with("/health/")

@@ -59,10 +59,25 @@ async fn openapi_documents_every_route_with_its_errors() {
         (
             "/api/users",
             "post",
-            &["201", "400", "409", "413", "415"][..],
+            &["201", "400", "409", "413", "415", "422", "429", "503"][..],
         ),
-        ("/api/users", "get", &["200", "400"][..]),
-        ("/api/users/{uuid}", "get", &["200", "400", "404"][..]),
+        ("/api/users", "get", &["200", "400", "429", "503"][..]),
+        (
+            "/api/users/{uuid}",
+            "get",
+            &["200", "304", "400", "404"][..],
+        ),
+        (
+            "/api/users/{uuid}",
+            "patch",
+            &["200", "400", "404", "409", "412", "413", "415", "428"][..],
+        ),
+        (
+            "/api/users/{uuid}",
+            "delete",
+            &["204", "400", "404", "412", "428"][..],
+        ),
+        ("/admin/reenrich", "post", &["202", "400", "413", "415"][..]),
         (
             "/api/users/{uuid}/profile",
             "get",
@@ -81,6 +96,27 @@ async fn openapi_documents_every_route_with_its_errors() {
             );
         }
     }
+    // Every answer says its request id; rate-limited ones their quota.
+    let created = &paths["/api/users"]["post"]["responses"]["201"]["headers"];
+    for header in ["X-Request-Id", "Location", "ETag", "RateLimit-Remaining"] {
+        assert!(created[header].is_object(), "201 declares {header}");
+    }
+    assert!(
+        paths["/health"]["get"]["responses"]["429"].is_null(),
+        "never limited"
+    );
+    // Links, spelt as the specification does (utoipa writes `operation_id`).
+    let links = &paths["/api/users"]["post"]["responses"]["201"]["links"];
+    assert_eq!(links["PatchUser"]["operationId"], "patch_user");
+    assert_eq!(
+        links["PatchUser"]["parameters"]["uuid"],
+        "$response.body#/uuid"
+    );
+    assert!(!doc.to_string().contains("operation_id"));
+    // The rules the parsers apply, as patterns.
+    let name = &doc["components"]["schemas"]["CreateUserRequest"]["properties"]["name"];
+    assert!(name["pattern"].as_str().unwrap().starts_with('^'), "{name}");
+
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for schema in [
         "Problem",

@@ -11,7 +11,6 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage, HttpResponse, web};
 use secrecy::ExposeSecret;
-use utoipa::openapi::path::PathItem;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, ResponseBuilder};
@@ -302,7 +301,7 @@ pub fn document(openapi: &mut OpenApi) {
         ),
     );
     for (path, item) in &mut openapi.paths.paths {
-        for (method, operation) in operations(item) {
+        for (method, operation) in super::openapi::operations(item) {
             let Access::Requires(role) = required_access(&method, path) else {
                 continue;
             };
@@ -349,23 +348,6 @@ pub fn document(openapi: &mut OpenApi) {
             });
         }
     }
-}
-
-fn operations(
-    item: &mut PathItem,
-) -> impl Iterator<Item = (Method, &mut utoipa::openapi::path::Operation)> {
-    [
-        (Method::GET, &mut item.get),
-        (Method::PUT, &mut item.put),
-        (Method::POST, &mut item.post),
-        (Method::DELETE, &mut item.delete),
-        (Method::OPTIONS, &mut item.options),
-        (Method::HEAD, &mut item.head),
-        (Method::PATCH, &mut item.patch),
-        (Method::TRACE, &mut item.trace),
-    ]
-    .into_iter()
-    .filter_map(|(method, operation)| operation.as_mut().map(|op| (method, op)))
 }
 
 #[cfg(test)]
