@@ -408,8 +408,12 @@ impl UserRepository for SqlUserRepository {
         let sql = list_sql(query);
         let pattern = query.q.as_deref().map(contains_pattern);
         let rows: Vec<UserRow> = with_pool!(&self.db, |pool| {
-            // Built from fixed fragments only; every value is bound.
-            let mut select = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()));
+            // Built from fixed fragments only; every value is bound. A search is planned
+            // for its own term each time (an unnamed statement, never a generic plan):
+            // whether the trigram indexes or the keyset order is cheaper depends on
+            // how rare the term is, which a generic plan cannot know.
+            let mut select =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).persistent(query.q.is_none());
             if let Some(after) = query.after {
                 select = select.bind(DbUuid(after));
             }
