@@ -46,6 +46,14 @@ impl Database {
         }
     }
 
+    /// `db.system.name` of OpenTelemetry's database conventions.
+    pub fn system_name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgresql",
+        }
+    }
+
     /// Open connections in the pool, and how many of them are idle.
     pub fn pool_usage(&self) -> (u32, usize) {
         match self {

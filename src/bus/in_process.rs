@@ -24,6 +24,10 @@ use super::{
     Outcome, headers,
 };
 
+/// `messaging.system` of the in-process bus (not one of OpenTelemetry's well-known
+/// values: there is no broker).
+const MESSAGING_SYSTEM: &str = "userhub_in_process";
+
 pub struct InProcessBus {
     db: Database,
     bindings: Vec<Binding>,
@@ -114,7 +118,15 @@ impl InProcessBus {
             routing_key = %envelope.routing_key,
             request_id = envelope.header(headers::REQUEST_ID).unwrap_or("-"),
             attempt,
+            otel.kind = "consumer",
+            otel.name = %format!("process {}", binding.queue),
+            messaging.system = MESSAGING_SYSTEM,
+            messaging.operation.type = "process",
+            messaging.destination.name = binding.queue,
+            messaging.message.id = %envelope.id,
         );
+        // The handling joins the trace of the request that emitted the event.
+        crate::telemetry::set_parent_from(&span, &envelope.headers);
         self.deliver(binding, handler, envelope, attempt)
             .instrument(span)
             .await
@@ -319,6 +331,27 @@ impl EventBus for InProcessBus {
 
     async fn ping(&self) -> Result<(), BusError> {
         Ok(self.db.ping().await?)
+    }
+
+    fn messaging_system(&self) -> &'static str {
+        MESSAGING_SYSTEM
+    }
+
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
+        let rows: Vec<(String, i64)> = with_pool!(&self.db, |pool| sqlx::query_as(
+            "SELECT queue, COUNT(*) FROM dead_letters WHERE replayed_at IS NULL GROUP BY queue"
+        )
+        .fetch_all(pool)
+        .await)?;
+        let mut counts: BTreeMap<String, u64> = self
+            .bindings
+            .iter()
+            .map(|b| (b.queue.to_owned(), 0))
+            .collect();
+        for (queue, n) in rows {
+            counts.insert(queue, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(counts.into_iter().collect())
     }
 
     async fn dead_letters(

@@ -19,6 +19,11 @@ pub mod headers {
     pub const EVENT_VERSION: &str = "event_version";
     /// Request id of the HTTP request that caused the event, for log correlation.
     pub const REQUEST_ID: &str = "request_id";
+    /// W3C trace context of the span that emitted the event, so the relay's publish and
+    /// the consumer's handling join the trace of the request that caused it.
+    pub const TRACEPARENT: &str = crate::telemetry::TRACEPARENT;
+    /// W3C vendor trace state, present when the trace carries one.
+    pub const TRACESTATE: &str = crate::telemetry::TRACESTATE;
 }
 
 /// One message on the bus: an opaque JSON payload plus routing and tracing metadata.
@@ -145,6 +150,17 @@ pub trait EventBus: Send + Sync {
 
     /// Cheap reachability check for `/health/ready`.
     async fn ping(&self) -> Result<(), BusError>;
+
+    /// `messaging.system` of the spans that publish and consume through this bus.
+    fn messaging_system(&self) -> &'static str {
+        "userhub"
+    }
+
+    /// Dead letters not yet replayed, per queue (every bound queue, zero included), for
+    /// metrics. Must stay cheap: it runs at every scrape.
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
+        Ok(Vec::new())
+    }
 
     /// Dead letters not yet replayed, oldest first, at most `limit`, starting after the
     /// dead letter `after` (a previous page's last `id`).

@@ -129,6 +129,7 @@ impl RedisCache {
 
     /// Runs one command through the breaker, within the timeout. Failures are logged
     /// (with the key, never the value) and counted here.
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.kind = "client", otel.name = op, db.system.name = "redis", db.operation.name = op, otel.status_code = tracing::field::Empty))]
     async fn call<T: FromRedisValue>(
         &self,
         op: &'static str,
@@ -153,6 +154,7 @@ impl RedisCache {
                 Ok(value)
             }
             Err(error) => {
+                tracing::Span::current().record("otel.status_code", "error");
                 let trial = permit.is_trial();
                 permit.failure();
                 bump(&self.counters.errors);
@@ -194,7 +196,7 @@ impl Cache for RedisCache {
         let cmd = redis::cmd("GET").arg(self.stored_key(key)).to_owned();
         // Bytes, not String: a value that is not UTF-8 is bad data, not a Redis outage,
         // so it must not count against the breaker.
-        let raw: Option<Vec<u8>> = self.call("get", key, &cmd).await.ok()?;
+        let raw: Option<Vec<u8>> = self.call("GET", key, &cmd).await.ok()?;
         let value = raw.and_then(|bytes| {
             String::from_utf8(bytes)
                 .inspect_err(|_| tracing::warn!(key, "ignoring a cache entry that is not UTF-8"))
@@ -211,12 +213,12 @@ impl Cache for RedisCache {
     async fn set(&self, key: &str, value: String) {
         // A zero TTL means nothing would live long enough to be read.
         if let Some(cmd) = self.set_command(key, value) {
-            let _: Result<(), CallError> = self.call("set", key, &cmd).await;
+            let _: Result<(), CallError> = self.call("SET", key, &cmd).await;
         }
     }
 
     async fn ping(&self) -> Result<(), String> {
-        match self.call::<String>("ping", "", &redis::cmd("PING")).await {
+        match self.call::<String>("PING", "", &redis::cmd("PING")).await {
             Ok(_) => Ok(()),
             Err(CallError::Failed(error)) => Err(error),
             Err(CallError::ShortCircuited) => Err(format!(

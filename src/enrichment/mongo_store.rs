@@ -156,6 +156,7 @@ fn uuid_key(uuid: Uuid) -> String {
 
 #[async_trait]
 impl ProfileStore for MongoProfileStore {
+    #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "findAndModify enriched_users", db.system.name = "mongodb", db.operation.name = "findAndModify", db.collection.name = "enriched_users"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
         // Two conditional steps rather than one pipeline-style update, which needs
         // MongoDB 4.2+ and which not every MongoDB-compatible server has: plain `$set`s
@@ -234,6 +235,7 @@ impl ProfileStore for MongoProfileStore {
         )))
     }
 
+    #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]
     async fn mark_failed(&self, p: &EnrichedProfile) -> Result<(), StoreError> {
         // Never over a completed profile: the filter skips it, and the upsert's insert
         // then hits the unique index, which here means "nothing to do".
@@ -267,6 +269,7 @@ impl ProfileStore for MongoProfileStore {
         .await
     }
 
+    #[tracing::instrument(name = "profiles.get", skip_all, fields(otel.kind = "client", otel.name = "find enriched_users", db.system.name = "mongodb", db.operation.name = "find", db.collection.name = "enriched_users"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let profiles = self.profiles.clone();
         let filter = doc! { "uuid": uuid_key(uuid) };

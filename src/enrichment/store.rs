@@ -81,6 +81,7 @@ impl TryFrom<ProfileRow> for EnrichedProfile {
 
 #[async_trait]
 impl ProfileStore for SqliteProfileStore {
+    #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<EnrichedProfile, StoreError> {
         // A redelivered event re-derives the same profile; the first enrichment time
         // is kept so redelivery is invisible to readers.
@@ -112,6 +113,7 @@ impl ProfileStore for SqliteProfileStore {
         EnrichedProfile::try_from(row)
     }
 
+    #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn mark_failed(&self, p: &EnrichedProfile) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO enriched_profiles
@@ -133,6 +135,7 @@ impl ProfileStore for SqliteProfileStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "profiles.get", skip_all, fields(otel.kind = "client", otel.name = "SELECT enriched_profiles", db.system.name = "sqlite", db.operation.name = "SELECT", db.collection.name = "enriched_profiles"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let row: Option<ProfileRow> = sqlx::query_as(
             "SELECT uuid, name, email, linkedin, github, status, error, source_event_id,

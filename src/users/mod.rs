@@ -19,6 +19,7 @@ pub use sql::SqlUserRepository;
 use crate::bus::headers;
 use crate::cache::{self, Cache};
 use crate::outbox::OutboxSignal;
+use crate::telemetry;
 
 /// The module's public facade: what routes, the combined view and tests use.
 #[derive(Clone)]
@@ -44,8 +45,10 @@ impl Users {
     /// Stores the user and its event atomically, then wakes the outbox relay.
     #[tracing::instrument(skip(self, user, request_id), fields(email = ?user.email))]
     pub async fn register(&self, user: NewUser, request_id: &str) -> Result<User, CreateUserError> {
-        let event_headers =
+        let mut event_headers =
             BTreeMap::from([(headers::REQUEST_ID.to_owned(), request_id.to_owned())]);
+        // The event joins this request's trace: traceparent travels with the outbox row.
+        telemetry::inject_context(&mut event_headers);
         let user = self.repository.create(&user, event_headers).await?;
         self.outbox.notify();
         tracing::info!(user = %user.uuid, "user registered");

@@ -100,7 +100,7 @@ fn contains_pattern(q: &str) -> String {
 
 #[async_trait]
 impl UserRepository for SqlUserRepository {
-    #[tracing::instrument(name = "users.create", skip_all)]
+    #[tracing::instrument(name = "users.create", skip_all, fields(otel.kind = "client", otel.name = "INSERT users", db.system.name = self.db.system_name(), db.operation.name = "INSERT", db.collection.name = "users"))]
     async fn create(
         &self,
         user: &NewUser,
@@ -132,7 +132,7 @@ impl UserRepository for SqlUserRepository {
         Ok(user)
     }
 
-    #[tracing::instrument(name = "users.get", skip(self))]
+    #[tracing::instrument(name = "users.get", skip(self), fields(otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
         let row: Option<UserRow> = with_pool!(&self.db, |pool| sqlx::query_as(
             "SELECT uuid, name, email, created_at, updated_at FROM users WHERE uuid = $1"
@@ -143,7 +143,7 @@ impl UserRepository for SqlUserRepository {
         Ok(row.map(User::from))
     }
 
-    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit))]
+    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit, otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {
         let sql = list_sql(query);
         let pattern = query.q.as_deref().map(contains_pattern);

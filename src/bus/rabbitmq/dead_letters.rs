@@ -6,8 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicGetOptions;
-use lapin::types::ShortString;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use uuid::Uuid;
 
 use super::codec::{
@@ -111,6 +111,39 @@ impl RabbitBus {
         ack(delivery).await?;
         tracing::info!(dead_letter = %letter.id, queue = %queue.work, "dead letter replayed");
         Ok(())
+    }
+
+    /// Messages waiting in each DLQ, by the work queue they failed on: one passive
+    /// declare per queue on a channel of its own (the broker closes a channel whose
+    /// passive declare finds no queue; the caller's channel must not pay for that).
+    pub(super) async fn count_dead_letters(&self) -> Result<Vec<(String, u64)>, BusError> {
+        let link = self.shared.current()?;
+        let channel = io("opening a channel", link.connection.create_channel()).await?;
+        let result = async {
+            let mut counts = Vec::new();
+            for queue in self.shared.topology.distinct_queues() {
+                let declared = io(
+                    "counting dead letters",
+                    channel.queue_declare(
+                        queue.dlq.clone(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await?;
+                counts.push((
+                    queue.binding.queue.to_owned(),
+                    u64::from(declared.message_count()),
+                ));
+            }
+            Ok(counts)
+        }
+        .await;
+        close_channel(&channel).await;
+        result
     }
 
     /// Starts a walk over the dead-letter queues on a channel of its own.

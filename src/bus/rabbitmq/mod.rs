@@ -203,6 +203,15 @@ impl EventBus for RabbitBus {
     async fn ping(&self) -> Result<(), BusError> {
         self.shared.current().map(|_| ())
     }
+
+    fn messaging_system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
+        self.count_dead_letters().await
+    }
+
     async fn dead_letters(
         &self,
         limit: u32,
