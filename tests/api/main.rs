@@ -12,6 +12,7 @@ mod hardening;
 mod health;
 mod helpers;
 mod mongo_store;
+mod otlp;
 mod postgres;
 mod process;
 mod proxy;
@@ -21,4 +22,5 @@ mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
 mod split;
+mod traces;
 mod users;
