@@ -62,6 +62,14 @@ impl Database {
         }
     }
 
+    /// The most connections the pool opens (`database.max_connections`).
+    pub fn pool_max(&self) -> u32 {
+        match self {
+            Self::Sqlite(pool) => pool.options().get_max_connections(),
+            Self::Postgres(pool) => pool.options().get_max_connections(),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         crate::with_pool!(self, |pool| sqlx::query("SELECT 1")
             .execute(pool)

@@ -2,6 +2,7 @@
 //! bounded by a timeout and guarded by a circuit breaker, so a slow or dead Redis
 //! turns into misses, never into errors or stalled requests.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ pub struct RedisCache {
     policy: CachePolicy,
     key_prefix: String,
     timeout: Duration,
-    breaker: CircuitBreaker,
+    breaker: Arc<CircuitBreaker>,
     counters: Counters,
 }
 
@@ -98,14 +99,14 @@ impl RedisCache {
             policy,
             key_prefix: key_prefix.to_owned(),
             timeout,
-            breaker: CircuitBreaker::new("redis", BreakerPolicy::default()),
+            breaker: Arc::new(CircuitBreaker::new("redis", BreakerPolicy::default())),
             counters: Counters::default(),
         })
     }
 
     /// Replaces the breaker's policy (and resets it to closed).
     pub fn with_breaker(mut self, policy: BreakerPolicy) -> Self {
-        self.breaker = CircuitBreaker::new("redis", policy);
+        self.breaker = Arc::new(CircuitBreaker::new("redis", policy));
         self
     }
 
@@ -121,6 +122,11 @@ impl RedisCache {
 
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// The breaker itself, for metrics to watch.
+    pub fn breaker(&self) -> Arc<CircuitBreaker> {
+        self.breaker.clone()
     }
 
     fn stored_key(&self, key: &str) -> String {

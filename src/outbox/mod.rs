@@ -238,6 +238,18 @@ impl OutboxRelay {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// How long the oldest unsent row has waited; `None` when every row is sent.
+    /// Reads one row through the partial index of unsent rows.
+    pub async fn oldest_unsent_age(&self) -> Result<Option<Duration>, sqlx::Error> {
+        const SQL: &str =
+            "SELECT occurred_at FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1";
+        let oldest: Option<DateTime<Utc>> = match &self.db {
+            Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_optional(pool).await?,
+            Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_optional(pool).await?,
+        };
+        Ok(oldest.map(|at| (Utc::now() - at).to_std().unwrap_or(Duration::ZERO)))
+    }
+
     /// On PostgreSQL, a listener for commits made by other processes.
     async fn listen(&self) -> Option<PgListener> {
         let Database::Postgres(pool) = &self.db else {
