@@ -12,6 +12,7 @@ mod hardening;
 mod health;
 mod helpers;
 mod mongo_store;
+mod monitoring;
 mod otlp;
 mod postgres;
 mod process;

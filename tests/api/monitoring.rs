@@ -1,0 +1,332 @@
+//! The dashboard and the alert rules against what `/metrics` really exposes: every
+//! metric named in a PromQL expression of deploy/grafana/userhub.json or
+//! deploy/prometheus/alerts.yml must be in a scrape of the running binary. Nothing is
+//! listed by hand: the names come from the expressions, the exposed ones from the scrape.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::split::Process;
+
+/// Series Prometheus makes itself rather than scraping them.
+const SYNTHETIC: [&str; 1] = ["up"];
+
+/// PromQL words that look like metric names but are not.
+const KEYWORDS: [&str; 28] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "atan2",
+    "inf",
+    "nan",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+];
+
+/// Keywords followed by a parenthesised list of label names, not expressions.
+const LABEL_LISTS: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
+/// Skips from the opening `open` at `i` to just past its matching `close`, stepping
+/// over quoted strings (a label value may hold any bracket).
+fn skip_group(chars: &[char], mut i: usize, open: char, close: char) -> usize {
+    let mut depth = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '"' | '\'' | '`' => i = skip_string(chars, i),
+            c if c == open => {
+                depth += 1;
+                i += 1;
+            }
+            c if c == close => {
+                depth -= 1;
+                i += 1;
+                if depth == 0 {
+                    return i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    i
+}
+
+fn skip_string(chars: &[char], start: usize) -> usize {
+    let quote = chars[start];
+    let mut i = start + 1;
+    while i < chars.len() && chars[i] != quote {
+        if chars[i] == '\\' {
+            i += 1;
+        }
+        i += 1;
+    }
+    i + 1
+}
+
+fn is_name_start(c: char) -> bool {
+    c.is_ascii_alphabetic() || c == '_' || c == ':'
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == ':'
+}
+
+/// The metric names an expression selects: identifiers that are not functions,
+/// aggregations, keywords, label names (in `{…}` or after `by`/`on`/…), durations,
+/// numbers, strings or Grafana variables (`$instance`, `$__rate_interval`).
+pub fn metric_names(expr: &str) -> BTreeSet<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' || c == '`' {
+            i = skip_string(&chars, i);
+        } else if c == '{' {
+            i = skip_group(&chars, i, '{', '}');
+        } else if c == '[' {
+            i = skip_group(&chars, i, '[', ']');
+        } else if c == '$' || c.is_ascii_digit() || c == '.' {
+            // A variable, or a number or duration (0.99, 1e3, 5m).
+            i += 1;
+            while i < chars.len() && (is_name_char(chars[i]) || chars[i] == '.') {
+                i += 1;
+            }
+        } else if is_name_start(c) {
+            let start = i;
+            while i < chars.len() && is_name_char(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut next = i;
+            while next < chars.len() && chars[next].is_whitespace() {
+                next += 1;
+            }
+            let call = chars.get(next) == Some(&'(');
+            if LABEL_LISTS.contains(&word.as_str()) {
+                if call {
+                    i = skip_group(&chars, next, '(', ')');
+                }
+            } else if !call && !KEYWORDS.contains(&word.as_str()) {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+/// Every `expr` of the dashboard (panel targets) and the metric of each
+/// `label_values(metric, label)` variable.
+fn dashboard_expressions(dashboard: &Value) -> Vec<String> {
+    fn walk(value: &Value, found: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("expr", Value::String(expr)) => found.push(expr.clone()),
+                        ("definition", Value::String(query)) => {
+                            if let Some(inner) = query
+                                .strip_prefix("label_values(")
+                                .and_then(|q| q.split(',').next())
+                            {
+                                found.push(inner.trim().to_owned());
+                            }
+                        }
+                        _ => walk(value, found),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(dashboard, &mut found);
+    found
+}
+
+/// The `expr:` values of a Prometheus rule file (single-line, or `|`/`>` blocks), and
+/// the names its recording rules define.
+fn rule_expressions(rules: &str) -> (Vec<String>, BTreeSet<String>) {
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut expressions = Vec::new();
+    let mut recorded = BTreeSet::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start().trim_start_matches("- ");
+        if let Some(name) = trimmed.strip_prefix("record:") {
+            recorded.insert(name.trim().to_owned());
+        }
+        if let Some(value) = trimmed.strip_prefix("expr:") {
+            let value = value.trim();
+            if value.starts_with('|') || value.starts_with('>') {
+                let indent = line.len() - line.trim_start().len();
+                let mut block = Vec::new();
+                while i + 1 < lines.len()
+                    && (lines[i + 1].trim().is_empty()
+                        || lines[i + 1].len() - lines[i + 1].trim_start().len() > indent)
+                {
+                    i += 1;
+                    block.push(lines[i].trim());
+                }
+                expressions.push(block.join(" "));
+            } else {
+                expressions.push(value.trim_matches(|c| c == '\'' || c == '"').to_owned());
+            }
+        }
+        i += 1;
+    }
+    (expressions, recorded)
+}
+
+/// The sample names of a Prometheus text exposition (`_bucket`, `_sum`, `_count`
+/// included, as they appear).
+fn exposed_names(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn metric_names_skip_functions_labels_keywords_and_variables() {
+    let expr = r#"histogram_quantile(0.99, sum by (le, route) (rate(userhub_http_request_duration_seconds_bucket{instance=~"$instance",status=~"5.."}[$__rate_interval]))) / ignoring(state) max without (x) (userhub_db_connections_max offset 5m) > bool 14.4 * userhub:http_errors:ratio_rate1h and on(instance) up == 0 or time() - process_start_time_seconds"#;
+    let names: Vec<String> = metric_names(expr).into_iter().collect();
+    assert_eq!(
+        names,
+        [
+            "process_start_time_seconds",
+            "up",
+            "userhub:http_errors:ratio_rate1h",
+            "userhub_db_connections_max",
+            "userhub_http_request_duration_seconds_bucket",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_metrics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/userhub.json"))
+            .expect("deploy/grafana/userhub.json"),
+    )
+    .expect("the dashboard is JSON");
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml"))
+        .expect("deploy/prometheus/alerts.yml");
+    let (rule_exprs, recorded) = rule_expressions(&rules);
+    let dashboard_exprs = dashboard_expressions(&dashboard);
+    assert!(
+        dashboard_exprs.len() >= 30,
+        "only {} dashboard expressions found",
+        dashboard_exprs.len()
+    );
+    assert!(
+        rule_exprs.len() >= 17,
+        "only {} rule expressions found",
+        rule_exprs.len()
+    );
+
+    // The real binary, with a Redis cache that is down (a closed port): a dependency
+    // with a circuit breaker, so the breaker's metric exists; reads fall back to the
+    // database as they would in production.
+    let dir = tempfile::TempDir::new().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("userhub.db").display());
+    let process = Process::start(
+        "api,relay,worker",
+        &[
+            ("APP__DATABASE__URL", database.clone()),
+            ("APP__DOCUMENTS__URL", database),
+            ("APP__CACHE__URL", "redis://127.0.0.1:1".to_owned()),
+        ],
+    );
+    process.wait_until_ready().await;
+    // Exercise what only exists once used: a request per route class, a delivery (lag,
+    // handler duration, create-to-enriched latency), cache lookups.
+    let user = process
+        .api
+        .create_user("Dash Board", "dash.board@example.com")
+        .await;
+    let uuid = user["uuid"].as_str().expect("uuid");
+    process
+        .api
+        .wait_for_ok(&format!("/users/enriched/{uuid}"))
+        .await;
+    process.api.get(&format!("/api/users/{uuid}")).await;
+    let scrape = process
+        .api
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .expect("a scrape");
+    let exposed = exposed_names(&scrape);
+
+    let mut missing = Vec::new();
+    let mut checked = BTreeSet::new();
+    for (source, expr) in dashboard_exprs
+        .iter()
+        .map(|e| ("deploy/grafana/userhub.json", e))
+        .chain(
+            rule_exprs
+                .iter()
+                .map(|e| ("deploy/prometheus/alerts.yml", e)),
+        )
+    {
+        for name in metric_names(expr) {
+            if recorded.contains(&name) || SYNTHETIC.contains(&name.as_str()) {
+                continue;
+            }
+            checked.insert(name.clone());
+            if !exposed.contains(&name) {
+                missing.push(format!("{source}: {name} in {expr}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "named but not exposed by /metrics:\n{}\n\nexposed:\n{exposed:#?}",
+        missing.join("\n")
+    );
+    assert!(
+        checked.len() >= 15,
+        "suspiciously few metrics checked: {checked:?}"
+    );
+    eprintln!(
+        "{} metric names of the dashboard and the alerts are exposed: {checked:?}",
+        checked.len()
+    );
+}
