@@ -5,9 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
+use reqwest::StatusCode;
 use serde_json::Value;
+use userhub::startup::Roles;
 
+use crate::helpers::{ControlledStore, DEADLINE, Spawn, TestApp, eventually, spawn, spawn_app};
+use crate::services::{AMQP, service_url};
 use crate::split::Process;
 
 /// Series Prometheus makes itself rather than scraping them.
@@ -328,5 +333,218 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_metrics() {
     eprintln!(
         "{} metric names of the dashboard and the alerts are exposed: {checked:?}",
         checked.len()
+    );
+}
+
+/// The value of one series in a scrape, e.g. `userhub_ready` or
+/// `userhub_dead_letters{queue="enrichment.user-created"}` (labels in name order, as
+/// the encoder writes them).
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.expect("a scrape")
+}
+
+fn value(scrape: &str, series: &str) -> f64 {
+    sample(scrape, series).unwrap_or_else(|| panic!("no {series} in\n{scrape}"))
+}
+
+const QUEUE: &str = r#"queue="enrichment.user-created""#;
+
+#[tokio::test]
+async fn the_outbox_gauges_show_an_event_waiting_and_then_relayed() {
+    let app = spawn_app().await;
+    app.create_user("Olga Outbox", "olga@example.com").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiting = scrape(&app).await;
+    assert_eq!(value(&waiting, "userhub_outbox_backlog"), 1.0);
+    let age = value(&waiting, "userhub_outbox_oldest_unsent_age_seconds");
+    assert!(age > 0.0 && age < DEADLINE.as_secs_f64(), "{age}");
+
+    app.relay.drain().await.expect("relayed");
+    let relayed = scrape(&app).await;
+    assert_eq!(value(&relayed, "userhub_outbox_backlog"), 0.0);
+    assert_eq!(
+        value(&relayed, "userhub_outbox_oldest_unsent_age_seconds"),
+        0.0
+    );
+    assert_eq!(value(&relayed, "userhub_ready"), 1.0);
+    assert_eq!(
+        value(&relayed, r#"userhub_dependency_up{dependency="database"}"#),
+        1.0
+    );
+    assert!(value(&relayed, "userhub_db_connections_max") >= 1.0);
+    assert!(value(&relayed, r#"userhub_db_connections{state="in_use"}"#) >= 0.0);
+    assert_eq!(
+        value(
+            &relayed,
+            &format!(
+                r#"userhub_build_info{{revision="unknown",version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert!(value(&relayed, "process_resident_memory_bytes") > 0.0);
+}
+
+/// Dead letters, delivery outcomes, consumer lag and create-to-enriched latency, as
+/// the real workers of `app` (built with `store`) move two users: one whose store
+/// writes fail until it is dead-lettered, one enriched.
+async fn delivery_metrics_follow_the_users(app: &TestApp, store: &ControlledStore) {
+    // On RabbitMQ the bus connects in the background.
+    eventually("readiness", async || {
+        (app.get("/health/ready").await.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    store.fail_next_upserts(u32::MAX);
+    let failed = app.create_user("Dora Deadletter", "dora@example.com").await;
+    let letter: Value = eventually("a dead letter", async || {
+        let listed: Vec<Value> = app.get_json("/admin/dead-letters").await;
+        listed.into_iter().next()
+    })
+    .await;
+    let after_failure = eventually("the dead-letter gauge", async || {
+        let text = scrape(app).await;
+        (sample(&text, &format!("userhub_dead_letters{{{QUEUE}}}")) == Some(1.0)).then_some(text)
+    })
+    .await;
+    let outcome = |text: &str, outcome: &str| {
+        value(
+            text,
+            &format!(r#"userhub_deliveries_total{{outcome="{outcome}",{QUEUE}}}"#),
+        )
+    };
+    assert_eq!(outcome(&after_failure, "dead_lettered"), 1.0);
+    assert_eq!(
+        outcome(&after_failure, "transient"),
+        3.0,
+        "3 attempts failed"
+    );
+    assert_eq!(outcome(&after_failure, "ok"), 0.0);
+    assert_eq!(
+        value(
+            &after_failure,
+            &format!("userhub_delivery_lag_seconds_count{{{QUEUE}}}")
+        ),
+        3.0,
+        "one lag observation per delivery"
+    );
+    assert_eq!(
+        value(
+            &after_failure,
+            "userhub_user_enriched_latency_seconds_count"
+        ),
+        0.0
+    );
+
+    store.fail_next_upserts(0);
+    let enriched = app.create_user("Eve Enriched", "eve@example.com").await;
+    app.wait_for_ok(&format!(
+        "/users/enriched/{}",
+        enriched["uuid"].as_str().unwrap()
+    ))
+    .await;
+    let after_success = eventually("the enriched latency", async || {
+        let text = scrape(app).await;
+        (sample(&text, "userhub_user_enriched_latency_seconds_count") == Some(1.0)).then_some(text)
+    })
+    .await;
+    let latency = value(&after_success, "userhub_user_enriched_latency_seconds_sum");
+    assert!(
+        latency > 0.0 && latency < DEADLINE.as_secs_f64(),
+        "{latency}"
+    );
+    assert_eq!(outcome(&after_success, "ok"), 1.0);
+
+    // Replayed, the letter leaves the gauge.
+    let id = letter["id"].as_str().unwrap();
+    let replay = app
+        .client
+        .post(app.url(&format!("/admin/dead-letters/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::ACCEPTED);
+    app.wait_for_ok(&format!(
+        "/users/enriched/{}",
+        failed["uuid"].as_str().unwrap()
+    ))
+    .await;
+    eventually("the dead-letter gauge back at 0", async || {
+        let text = scrape(app).await;
+        (sample(&text, &format!("userhub_dead_letters{{{QUEUE}}}")) == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delivery_metrics_follow_the_users_on_the_in_process_bus() {
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        roles: Roles::ALL,
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    delivery_metrics_follow_the_users(&app, &store).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn delivery_metrics_follow_the_users_on_rabbitmq() {
+    let Some(broker) = service_url(AMQP) else {
+        return;
+    };
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        roles: Roles::ALL,
+        store: Some(store.clone()),
+        amqp: Some(broker),
+        ..Spawn::default()
+    })
+    .await;
+    delivery_metrics_follow_the_users(&app, &store).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_and_a_down_cache_show_in_the_metrics_while_the_app_stays_ready() {
+    let app = spawn(Spawn {
+        configure: Box::new(|settings| {
+            settings.cache.url = "redis://127.0.0.1:1".to_owned().into()
+        }),
+        ..Spawn::default()
+    })
+    .await;
+    let breaker = r#"userhub_circuit_breaker_state{dependency="redis"}"#;
+    assert_eq!(value(&scrape(&app).await, breaker), 0.0, "closed at start");
+    let user = app.create_user("Cora Cache", "cora@example.com").await;
+    let path = format!("/api/users/{}", user["uuid"].as_str().unwrap());
+    // Each read misses (a failed GET) and writes back (a failed SET): 5 failures in a
+    // row open the breaker.
+    for _ in 0..3 {
+        assert_eq!(app.get(&path).await.status(), StatusCode::OK);
+    }
+    let text = scrape(&app).await;
+    assert_eq!(value(&text, breaker), 2.0, "open");
+    assert_eq!(
+        value(&text, r#"userhub_dependency_up{dependency="cache"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(&text, "userhub_ready"),
+        1.0,
+        "the cache is not required"
     );
 }
