@@ -45,6 +45,8 @@ pub struct Metrics {
     pub outbox_oldest_age: Gauge,
     /// Set at scrape time, per queue.
     pub dead_letters: IntGaugeVec,
+    /// Set at scrape time, per queue.
+    pub queue_messages: IntGaugeVec,
     /// Set at scrape time: `state` is `size`, `idle` or `in_use`.
     pub db_connections: IntGaugeVec,
     /// Set at scrape time.
@@ -126,6 +128,13 @@ impl Metrics {
                 ),
                 &["queue"],
             )?,
+            queue_messages: IntGaugeVec::new(
+                Opts::new(
+                    "queue_messages",
+                    "Messages waiting in a queue (due, retrying or in hand), dead letters apart",
+                ),
+                &["queue"],
+            )?,
             db_connections: IntGaugeVec::new(
                 Opts::new(
                     "db_connections",
@@ -161,7 +170,7 @@ impl Metrics {
                 option_env!("USERHUB_REVISION").unwrap_or("unknown"),
             ])
             .set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(metrics.http_requests.clone()),
             Box::new(metrics.http_duration.clone()),
             Box::new(metrics.deliveries.clone()),
@@ -173,6 +182,7 @@ impl Metrics {
             Box::new(metrics.outbox_backlog.clone()),
             Box::new(metrics.outbox_oldest_age.clone()),
             Box::new(metrics.dead_letters.clone()),
+            Box::new(metrics.queue_messages.clone()),
             Box::new(metrics.db_connections.clone()),
             Box::new(metrics.db_connections_max.clone()),
             Box::new(metrics.ready.clone()),
@@ -208,6 +218,7 @@ impl Metrics {
             self.deliveries.with_label_values(&[queue, outcome]);
         }
         self.dead_letters.with_label_values(&[queue]);
+        self.queue_messages.with_label_values(&[queue]);
     }
 
     pub fn observe_request(&self, method: &str, route: &str, status: u16, seconds: f64) {

@@ -45,10 +45,10 @@ pub async fn metrics(
     gauges: web::Data<Gauges>,
     readiness: web::Data<Readiness>,
 ) -> HttpResponse {
-    let (backlog, oldest, dead_letters, (required_up, checks)) = tokio::join!(
+    let (backlog, oldest, queues, (required_up, checks)) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.backlog()),
         tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.oldest_unsent_age()),
-        tokio::time::timeout(CHECK_TIMEOUT, gauges.bus.dead_letter_counts()),
+        tokio::time::timeout(CHECK_TIMEOUT, gauges.bus.queue_counts()),
         readiness.check(),
     );
     if let Ok(Ok(backlog)) = backlog {
@@ -61,17 +61,23 @@ pub async fn metrics(
             .outbox_oldest_age
             .set(oldest.map_or(0.0, |age| age.as_secs_f64()));
     }
-    match dead_letters {
+    match queues {
         Ok(Ok(counts)) => {
-            for (queue, count) in counts {
+            for count in counts {
+                let queue = [count.queue.as_str()];
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics
+                    .queue_messages
+                    .with_label_values(&queue)
+                    .set(gauge(count.waiting));
                 metrics
                     .dead_letters
-                    .with_label_values(&[queue.as_str()])
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    .with_label_values(&queue)
+                    .set(gauge(count.dead));
             }
         }
-        Ok(Err(error)) => tracing::warn!(%error, "cannot count dead letters"),
-        Err(_) => tracing::warn!("counting dead letters timed out"),
+        Ok(Err(error)) => tracing::warn!(%error, "cannot count queued messages"),
+        Err(_) => tracing::warn!("counting queued messages timed out"),
     }
     metrics.ready.set(i64::from(required_up));
     for (dependency, check) in &checks {

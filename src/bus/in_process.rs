@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::{
     Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, HandlerError,
-    Outcome, headers,
+    Outcome, QueueCounts, headers,
 };
 
 /// `messaging.system` of the in-process bus (not one of OpenTelemetry's well-known
@@ -337,21 +337,41 @@ impl EventBus for InProcessBus {
         MESSAGING_SYSTEM
     }
 
-    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
-        let rows: Vec<(String, i64)> = with_pool!(&self.db, |pool| sqlx::query_as(
-            "SELECT queue, COUNT(*) FROM dead_letters WHERE replayed_at IS NULL GROUP BY queue"
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
+        let rows: Vec<(String, i64, i64)> = with_pool!(&self.db, |pool| sqlx::query_as(
+            "SELECT queue, CAST(SUM(waiting) AS BIGINT), CAST(SUM(dead) AS BIGINT) FROM (
+                 SELECT queue, COUNT(*) AS waiting, 0 AS dead FROM bus_messages GROUP BY queue
+                 UNION ALL
+                 SELECT queue, 0, COUNT(*) FROM dead_letters WHERE replayed_at IS NULL
+                  GROUP BY queue
+             ) AS counts GROUP BY queue"
         )
         .fetch_all(pool)
         .await)?;
-        let mut counts: BTreeMap<String, u64> = self
+        let mut counts: BTreeMap<String, QueueCounts> = self
             .bindings
             .iter()
-            .map(|b| (b.queue.to_owned(), 0))
+            .map(|b| {
+                let zero = QueueCounts {
+                    queue: b.queue.to_owned(),
+                    waiting: 0,
+                    dead: 0,
+                };
+                (b.queue.to_owned(), zero)
+            })
             .collect();
-        for (queue, n) in rows {
-            counts.insert(queue, u64::try_from(n).unwrap_or(0));
+        for (queue, waiting, dead) in rows {
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            counts.insert(
+                queue.clone(),
+                QueueCounts {
+                    queue,
+                    waiting: count(waiting),
+                    dead: count(dead),
+                },
+            );
         }
-        Ok(counts.into_iter().collect())
+        Ok(counts.into_values().collect())
     }
 
     async fn dead_letters(

@@ -156,9 +156,9 @@ pub trait EventBus: Send + Sync {
         "userhub"
     }
 
-    /// Dead letters not yet replayed, per queue (every bound queue, zero included), for
-    /// metrics. Must stay cheap: it runs at every scrape.
-    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
+    /// Messages waiting and dead letters not yet replayed, per bound queue (zeros
+    /// included), for metrics. Must stay cheap: it runs at every scrape.
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
         Ok(Vec::new())
     }
 
@@ -173,6 +173,16 @@ pub trait EventBus: Send + Sync {
     /// Puts the dead letter `id` back on its queue with a fresh attempt count.
     /// `Ok(false)` when there is no such dead letter (or it was replayed already).
     async fn replay(&self, id: &str) -> Result<bool, BusError>;
+}
+
+/// How many messages one queue holds, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub queue: String,
+    /// Not yet handled: due now, waiting for a retry, or being handled.
+    pub waiting: u64,
+    /// Dead letters not yet replayed.
+    pub dead: u64,
 }
 
 /// A queue and the routing key it is bound to.

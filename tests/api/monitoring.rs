@@ -371,9 +371,19 @@ async fn the_outbox_gauges_show_an_event_waiting_and_then_relayed() {
     let age = value(&waiting, "userhub_outbox_oldest_unsent_age_seconds");
     assert!(age > 0.0 && age < DEADLINE.as_secs_f64(), "{age}");
 
+    assert_eq!(
+        value(&waiting, &format!("userhub_queue_messages{{{QUEUE}}}")),
+        0.0
+    );
+
     app.relay.drain().await.expect("relayed");
     let relayed = scrape(&app).await;
     assert_eq!(value(&relayed, "userhub_outbox_backlog"), 0.0);
+    assert_eq!(
+        value(&relayed, &format!("userhub_queue_messages{{{QUEUE}}}")),
+        1.0,
+        "on the bus, not yet consumed"
+    );
     assert_eq!(
         value(&relayed, "userhub_outbox_oldest_unsent_age_seconds"),
         0.0
@@ -481,9 +491,11 @@ async fn delivery_metrics_follow_the_users(app: &TestApp, store: &ControlledStor
         failed["uuid"].as_str().unwrap()
     ))
     .await;
-    eventually("the dead-letter gauge back at 0", async || {
+    eventually("the dead-letter and queue gauges back at 0", async || {
         let text = scrape(app).await;
-        (sample(&text, &format!("userhub_dead_letters{{{QUEUE}}}")) == Some(0.0)).then_some(())
+        (sample(&text, &format!("userhub_dead_letters{{{QUEUE}}}")) == Some(0.0)
+            && sample(&text, &format!("userhub_queue_messages{{{QUEUE}}}")) == Some(0.0))
+        .then_some(())
     })
     .await;
 }

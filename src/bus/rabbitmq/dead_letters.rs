@@ -17,7 +17,7 @@ use super::codec::{
 use super::link::{Link, ack, close_channel, io};
 use super::topology::QueueTopology;
 use super::{PERSISTENT, RabbitBus};
-use crate::bus::{BusError, DeadLetter};
+use crate::bus::{BusError, DeadLetter, QueueCounts};
 
 impl RabbitBus {
     /// Dead letters of every DLQ, oldest first, at most `limit`, after the one `after`.
@@ -113,31 +113,40 @@ impl RabbitBus {
         Ok(())
     }
 
-    /// Messages waiting in each DLQ, by the work queue they failed on: one passive
-    /// declare per queue on a channel of its own (the broker closes a channel whose
-    /// passive declare finds no queue; the caller's channel must not pay for that).
-    pub(super) async fn count_dead_letters(&self) -> Result<Vec<(String, u64)>, BusError> {
+    /// Messages of each work queue: ready in the work queue or waiting in its retry
+    /// queues, and dead letters in its DLQ. One passive declare per queue, on a channel
+    /// of its own (the broker closes a channel whose passive declare finds no queue; no
+    /// other operation must pay for that). Unacknowledged deliveries are not counted.
+    pub(super) async fn count_messages(&self) -> Result<Vec<QueueCounts>, BusError> {
         let link = self.shared.current()?;
         let channel = io("opening a channel", link.connection.create_channel()).await?;
+        let length = async |name: &ShortString| -> Result<u64, BusError> {
+            let declared = io(
+                "counting messages",
+                channel.queue_declare(
+                    name.clone(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            Ok(u64::from(declared.message_count()))
+        };
         let result = async {
             let mut counts = Vec::new();
             for queue in self.shared.topology.distinct_queues() {
-                let declared = io(
-                    "counting dead letters",
-                    channel.queue_declare(
-                        queue.dlq.clone(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    ),
-                )
-                .await?;
-                counts.push((
-                    queue.binding.queue.to_owned(),
-                    u64::from(declared.message_count()),
-                ));
+                let mut waiting = length(&queue.work).await?;
+                for retry in queue.retries.values() {
+                    waiting += length(retry).await?;
+                }
+                counts.push(QueueCounts {
+                    queue: queue.binding.queue.to_owned(),
+                    waiting,
+                    dead: length(&queue.dlq).await?,
+                });
             }
             Ok(counts)
         }

@@ -39,7 +39,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler};
+use super::{
+    Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, QueueCounts,
+};
 use crate::resilience::Backoff;
 use codec::envelope_properties;
 use link::{Shared, close_channel, io, unavailable};
@@ -208,8 +210,8 @@ impl EventBus for RabbitBus {
         "rabbitmq"
     }
 
-    async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, BusError> {
-        self.count_dead_letters().await
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
+        self.count_messages().await
     }
 
     async fn dead_letters(
