@@ -207,13 +207,6 @@ impl ShouldSample for SkipProbes {
     }
 }
 
-/// Exports what is queued now (for tests that read the export before the process ends).
-pub fn force_flush() {
-    if let Some(provider) = PROVIDER.get() {
-        let _ = provider.force_flush();
-    }
-}
-
 /// The W3C propagator; used directly rather than through the global one, so the
 /// headers are the same whether or not [`init`] ran.
 fn propagator() -> &'static TraceContextPropagator {
