@@ -22,6 +22,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
     pub rate_limit: RateLimitSettings,
     pub cors: CorsSettings,
     pub auth: AuthSettings,
@@ -139,6 +140,21 @@ pub struct WorkerSettings {
 pub struct LogSettings {
     pub level: String,
     pub format: LogFormat,
+}
+
+/// `[telemetry]`: OpenTelemetry traces.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP endpoint (`http://collector:4318`, `/v1/traces` is added); empty: no
+    /// export (spans still carry trace ids for propagation and logs).
+    pub otlp_endpoint: String,
+    /// Share of new traces exported, 0.0–1.0; a trace started upstream follows the
+    /// caller's sampling decision.
+    pub sampling_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Longest one export may take; also bounds the flush at shutdown.
+    pub export_timeout_ms: u64,
 }
 
 /// `[auth]`: who may call the `/api`, `/users/enriched` and `/admin` routes.

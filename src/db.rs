@@ -48,11 +48,27 @@ impl Database {
         }
     }
 
+    /// `db.system.name` of OpenTelemetry's database conventions.
+    pub fn system_name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgresql",
+        }
+    }
+
     /// Open connections in the pool, and how many of them are idle.
     pub fn pool_usage(&self) -> (u32, usize) {
         match self {
             Self::Sqlite(pool) => (pool.size(), pool.num_idle()),
             Self::Postgres(pool) => (pool.size(), pool.num_idle()),
+        }
+    }
+
+    /// The most connections the pool opens (`database.max_connections`).
+    pub fn pool_max(&self) -> u32 {
+        match self {
+            Self::Sqlite(pool) => pool.options().get_max_connections(),
+            Self::Postgres(pool) => pool.options().get_max_connections(),
         }
     }
 

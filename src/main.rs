@@ -135,20 +135,30 @@ fn roles_of(list: &[Role]) -> Roles {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("cannot load configuration")?;
-    if matches!(cli.command, None | Some(Command::Serve { .. })) {
-        telemetry::init(&settings.log, std::io::stdout);
+    let serving = matches!(cli.command, None | Some(Command::Serve { .. }));
+    // Only the server exports spans; the one-shot commands just log.
+    let mut tracing_settings = settings.telemetry.clone();
+    if !serving {
+        tracing_settings.otlp_endpoint.clear();
+    }
+    let telemetry = if serving {
+        telemetry::init(&settings.log, &tracing_settings, std::io::stdout)
     } else {
         // A one-shot command's stdout carries its result alone (a token, JSON lines).
-        telemetry::init(&settings.log, std::io::stderr);
-    }
+        telemetry::init(&settings.log, &tracing_settings, std::io::stderr)
+    };
     match cli.command.unwrap_or(Command::Serve {
         roles: vec![Role::Api, Role::Relay, Role::Worker],
     }) {
         Command::Serve { roles } => {
-            Application::build(settings, roles_of(&roles))
-                .await?
-                .run_until_stopped()
-                .await
+            let export_timeout = Duration::from_millis(settings.telemetry.export_timeout_ms);
+            let served = match Application::build(settings, roles_of(&roles)).await {
+                Ok(app) => app.run_until_stopped().await,
+                Err(error) => Err(error),
+            };
+            // The spans of the last requests and messages are still queued.
+            telemetry.shutdown(export_timeout).await;
+            served
         }
         Command::Token { sub, roles, ttl } => {
             let token = LocalToken {

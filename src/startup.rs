@@ -107,7 +107,8 @@ impl Application {
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;
-        let cache = MeteredCache::wrap(open_cache(&settings)?, metrics.clone());
+        let cache = MeteredCache::wrap(open_cache(&settings, &metrics)?, metrics.clone());
+        metrics.declare_queue(enrichment::BINDING.queue);
         let mut store = open_documents(&settings, &database).await?;
         if let Some(wrap) = overrides.wrap_profile_store {
             store = wrap(store);
@@ -143,6 +144,7 @@ impl Application {
             gauges: Gauges {
                 relay: relay.clone(),
                 database,
+                bus: bus.event_bus(),
             },
             preconditions: Preconditions {
                 require_if_match: settings.http.require_if_match,
@@ -254,7 +256,11 @@ impl Application {
 /// events wait in the outbox for a running relay.
 pub async fn open_users(settings: &Settings) -> anyhow::Result<Users> {
     let database = open_database(settings).await?;
-    let cache = open_cache(settings)?;
+    // Republishing reads no cache; a small private one keeps the facade whole.
+    let cache = Arc::new(MemoryCache::new(CachePolicy {
+        ttl: Duration::from_secs(settings.cache.ttl_secs),
+        max_entries: 1,
+    }));
     Ok(Users::new(
         Arc::new(SqlUserRepository::new(database)),
         OutboxSignal::default(),
@@ -325,23 +331,25 @@ pub async fn open_bus(settings: &Settings, database: &Database) -> anyhow::Resul
 }
 
 /// Opens `cache.url`: `memory://` (moka) or `redis://` (never required: a Redis that is
-/// down degrades to the stores).
-fn open_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>> {
+/// down degrades to the stores). A Redis cache's breaker is watched by `metrics`.
+fn open_cache(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Arc<dyn Cache>> {
     let cache = &settings.cache;
     let policy = CachePolicy {
         ttl: Duration::from_secs(cache.ttl_secs),
         max_entries: cache.max_entries,
     };
     match scheme_of(&cache.url).as_str() {
-        "redis" | "rediss" => Ok(Arc::new(
-            RedisCache::connect(
+        "redis" | "rediss" => {
+            let redis = RedisCache::connect(
                 cache.url.expose_secret(),
                 policy,
                 &cache.key_prefix,
                 Duration::from_millis(cache.timeout_ms),
             )
-            .context("cannot configure cache.url")?,
-        )),
+            .context("cannot configure cache.url")?;
+            metrics.watch_breaker(redis.breaker());
+            Ok(Arc::new(redis))
+        }
         scheme => {
             require_scheme("cache.url", scheme, &["memory", "redis"])?;
             Ok(Arc::new(MemoryCache::new(policy)))

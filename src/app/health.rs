@@ -31,27 +31,77 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct Gauges {
     pub relay: Arc<OutboxRelay>,
     pub database: Database,
+    pub bus: Arc<dyn EventBus>,
 }
 
 /// Prometheus metrics (text exposition format).
+///
+/// The gauges are read now, concurrently, each bounded by the readiness timeout: a
+/// dependency that does not answer must not fail or stall the scrape, so its gauges
+/// keep their last value (and `userhub_dependency_up` says it is down).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4")))]
-pub async fn metrics(metrics: web::Data<Metrics>, gauges: web::Data<Gauges>) -> HttpResponse {
-    // A database that does not answer must not fail the scrape: keep the last value.
-    if let Ok(Ok(backlog)) = tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.backlog()).await {
+pub async fn metrics(
+    metrics: web::Data<Metrics>,
+    gauges: web::Data<Gauges>,
+    readiness: web::Data<Readiness>,
+) -> HttpResponse {
+    let (backlog, oldest, queues, (required_up, checks)) = tokio::join!(
+        tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.backlog()),
+        tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.oldest_unsent_age()),
+        tokio::time::timeout(CHECK_TIMEOUT, gauges.bus.queue_counts()),
+        readiness.check(),
+    );
+    if let Ok(Ok(backlog)) = backlog {
         metrics
             .outbox_backlog
             .set(i64::try_from(backlog).unwrap_or(i64::MAX));
     }
+    if let Ok(Ok(oldest)) = oldest {
+        metrics
+            .outbox_oldest_age
+            .set(oldest.map_or(0.0, |age| age.as_secs_f64()));
+    }
+    match queues {
+        Ok(Ok(counts)) => {
+            for count in counts {
+                let queue = [count.queue.as_str()];
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics
+                    .queue_messages
+                    .with_label_values(&queue)
+                    .set(gauge(count.waiting));
+                metrics
+                    .dead_letters
+                    .with_label_values(&queue)
+                    .set(gauge(count.dead));
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "cannot count queued messages"),
+        Err(_) => tracing::warn!("counting queued messages timed out"),
+    }
+    metrics.ready.set(i64::from(required_up));
+    for (dependency, check) in &checks {
+        metrics
+            .dependency_up
+            .with_label_values(&[dependency])
+            .set(i64::from(check.error.is_none()));
+    }
     let (size, idle) = gauges.database.pool_usage();
+    let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+    for (state, value) in [
+        ("size", i64::from(size)),
+        ("idle", idle),
+        ("in_use", (i64::from(size) - idle).max(0)),
+    ] {
+        metrics
+            .db_connections
+            .with_label_values(&[state])
+            .set(value);
+    }
     metrics
-        .db_connections
-        .with_label_values(&["size"])
-        .set(i64::from(size));
-    metrics
-        .db_connections
-        .with_label_values(&["idle"])
-        .set(i64::try_from(idle).unwrap_or(i64::MAX));
+        .db_connections_max
+        .set(i64::from(gauges.database.pool_max()));
     match metrics.render() {
         Ok(text) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -71,6 +121,29 @@ pub struct Readiness {
     pub bus: Arc<dyn EventBus>,
     /// Reported, but not required: without it reads go to the stores.
     pub cache: Arc<dyn Cache>,
+}
+
+impl Readiness {
+    /// Checks every dependency at once: whether the required ones are all up, and
+    /// each one's check.
+    pub async fn check(&self) -> (bool, BTreeMap<&'static str, DependencyCheck>) {
+        let (database, documents, bus, cache) = tokio::join!(
+            check(self.users.ping()),
+            check(self.enrichment.ping()),
+            check(self.bus.ping()),
+            check(self.cache.ping()),
+        );
+        let required_up = [&database, &documents, &bus]
+            .iter()
+            .all(|c| c.error.is_none());
+        let checks = BTreeMap::from([
+            ("database", database),
+            ("documents", documents),
+            ("bus", bus),
+            ("cache", cache),
+        ]);
+        (required_up, checks)
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -150,21 +223,7 @@ where
         (status = 503, description = "A dependency is down", body = ReadinessResponse),
     ))]
 pub async fn ready(deps: web::Data<Readiness>) -> HttpResponse {
-    let (database, documents, bus, cache) = tokio::join!(
-        check(deps.users.ping()),
-        check(deps.enrichment.ping()),
-        check(deps.bus.ping()),
-        check(deps.cache.ping()),
-    );
-    let required_up = [&database, &documents, &bus]
-        .iter()
-        .all(|c| c.error.is_none());
-    let checks = BTreeMap::from([
-        ("database", database),
-        ("documents", documents),
-        ("bus", bus),
-        ("cache", cache),
-    ]);
+    let (required_up, checks) = deps.check().await;
     let body = ReadinessResponse {
         status: if required_up { "ok" } else { "unavailable" },
         checks,

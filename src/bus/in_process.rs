@@ -21,8 +21,12 @@ use tracing::Instrument;
 
 use super::{
     Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, HandlerError,
-    Outcome, headers,
+    Outcome, QueueCounts, headers,
 };
+
+/// `messaging.system` of the in-process bus (not one of OpenTelemetry's well-known
+/// values: there is no broker).
+const MESSAGING_SYSTEM: &str = "userhub_in_process";
 
 pub struct InProcessBus {
     db: Database,
@@ -114,7 +118,15 @@ impl InProcessBus {
             routing_key = %envelope.routing_key,
             request_id = envelope.header(headers::REQUEST_ID).unwrap_or("-"),
             attempt,
+            otel.kind = "consumer",
+            otel.name = %format!("process {}", binding.queue),
+            messaging.system = MESSAGING_SYSTEM,
+            messaging.operation.type = "process",
+            messaging.destination.name = binding.queue,
+            messaging.message.id = %envelope.id,
         );
+        // The handling joins the trace of the request that emitted the event.
+        crate::telemetry::set_parent_from(&span, &envelope.headers);
         self.deliver(binding, handler, envelope, attempt)
             .instrument(span)
             .await
@@ -354,6 +366,47 @@ impl EventBus for InProcessBus {
 
     async fn ping(&self) -> Result<(), BusError> {
         Ok(self.db.ping().await?)
+    }
+
+    fn messaging_system(&self) -> &'static str {
+        MESSAGING_SYSTEM
+    }
+
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
+        let rows: Vec<(String, i64, i64)> = with_pool!(&self.db, |pool| sqlx::query_as(
+            "SELECT queue, CAST(SUM(waiting) AS BIGINT), CAST(SUM(dead) AS BIGINT) FROM (
+                 SELECT queue, COUNT(*) AS waiting, 0 AS dead FROM bus_messages GROUP BY queue
+                 UNION ALL
+                 SELECT queue, 0, COUNT(*) FROM dead_letters WHERE replayed_at IS NULL
+                  GROUP BY queue
+             ) AS counts GROUP BY queue"
+        )
+        .fetch_all(pool)
+        .await)?;
+        let mut counts: BTreeMap<String, QueueCounts> = self
+            .bindings
+            .iter()
+            .map(|b| {
+                let zero = QueueCounts {
+                    queue: b.queue.to_owned(),
+                    waiting: 0,
+                    dead: 0,
+                };
+                (b.queue.to_owned(), zero)
+            })
+            .collect();
+        for (queue, waiting, dead) in rows {
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            counts.insert(
+                queue.clone(),
+                QueueCounts {
+                    queue,
+                    waiting: count(waiting),
+                    dead: count(dead),
+                },
+            );
+        }
+        Ok(counts.into_values().collect())
     }
 
     async fn dead_letters(

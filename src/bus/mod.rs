@@ -28,6 +28,11 @@ pub mod headers {
     pub const ERASES_SUBJECT: &str = "erases_subject";
     /// Why an event was published, when it is not the obvious (e.g. `reenrich`).
     pub const REASON: &str = "reason";
+    /// W3C trace context of the span that emitted the event, so the relay's publish and
+    /// the consumer's handling join the trace of the request that caused it.
+    pub const TRACEPARENT: &str = crate::telemetry::TRACEPARENT;
+    /// W3C vendor trace state, present when the trace carries one.
+    pub const TRACESTATE: &str = crate::telemetry::TRACESTATE;
 }
 
 /// One message on the bus: an opaque JSON payload plus routing and tracing metadata.
@@ -165,6 +170,17 @@ pub trait EventBus: Send + Sync {
     /// Cheap reachability check for `/health/ready`.
     async fn ping(&self) -> Result<(), BusError>;
 
+    /// `messaging.system` of the spans that publish and consume through this bus.
+    fn messaging_system(&self) -> &'static str {
+        "userhub"
+    }
+
+    /// Messages waiting and dead letters not yet replayed, per bound queue (zeros
+    /// included), for metrics. Must stay cheap: it runs at every scrape.
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
+        Ok(Vec::new())
+    }
+
     /// Dead letters not yet replayed, oldest first, at most `limit`, starting after the
     /// dead letter `after` (a previous page's last `id`).
     async fn dead_letters(
@@ -176,6 +192,16 @@ pub trait EventBus: Send + Sync {
     /// Puts the dead letter `id` back on its queue with a fresh attempt count.
     /// `Ok(false)` when there is no such dead letter (or it was replayed already).
     async fn replay(&self, id: &str) -> Result<bool, BusError>;
+}
+
+/// How many messages one queue holds, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub queue: String,
+    /// Not yet handled: due now, waiting for a retry, or being handled.
+    pub waiting: u64,
+    /// Dead letters not yet replayed.
+    pub dead: u64,
 }
 
 /// A queue and the routing keys bound to it. One queue takes every event of a subject,

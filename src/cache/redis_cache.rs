@@ -2,6 +2,7 @@
 //! bounded by a timeout and guarded by a circuit breaker, so a slow or dead Redis
 //! turns into misses, never into errors or stalled requests.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ pub struct RedisCache {
     policy: CachePolicy,
     key_prefix: String,
     timeout: Duration,
-    breaker: CircuitBreaker,
+    breaker: Arc<CircuitBreaker>,
     counters: Counters,
 }
 
@@ -98,14 +99,14 @@ impl RedisCache {
             policy,
             key_prefix: key_prefix.to_owned(),
             timeout,
-            breaker: CircuitBreaker::new("redis", BreakerPolicy::default()),
+            breaker: Arc::new(CircuitBreaker::new("redis", BreakerPolicy::default())),
             counters: Counters::default(),
         })
     }
 
     /// Replaces the breaker's policy (and resets it to closed).
     pub fn with_breaker(mut self, policy: BreakerPolicy) -> Self {
-        self.breaker = CircuitBreaker::new("redis", policy);
+        self.breaker = Arc::new(CircuitBreaker::new("redis", policy));
         self
     }
 
@@ -123,12 +124,18 @@ impl RedisCache {
         self.breaker.state()
     }
 
+    /// The breaker itself, for metrics to watch.
+    pub fn breaker(&self) -> Arc<CircuitBreaker> {
+        self.breaker.clone()
+    }
+
     fn stored_key(&self, key: &str) -> String {
         format!("{}{key}", self.key_prefix)
     }
 
     /// Runs one command through the breaker, within the timeout. Failures are logged
     /// (with the key, never the value) and counted here.
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.kind = "client", otel.name = op, db.system.name = "redis", db.operation.name = op, otel.status_code = tracing::field::Empty))]
     async fn call<T: FromRedisValue>(
         &self,
         op: &'static str,
@@ -153,6 +160,7 @@ impl RedisCache {
                 Ok(value)
             }
             Err(error) => {
+                tracing::Span::current().record("otel.status_code", "error");
                 let trial = permit.is_trial();
                 permit.failure();
                 bump(&self.counters.errors);
@@ -211,7 +219,7 @@ impl Cache for RedisCache {
         let cmd = redis::cmd("GET").arg(self.stored_key(key)).to_owned();
         // Bytes, not String: a value that is not UTF-8 is bad data, not a Redis outage,
         // so it must not count against the breaker.
-        let raw: Option<Vec<u8>> = self.call("get", key, &cmd).await.ok()?;
+        let raw: Option<Vec<u8>> = self.call("GET", key, &cmd).await.ok()?;
         let value = raw.and_then(|bytes| {
             let text = String::from_utf8(bytes)
                 .inspect_err(|_| tracing::warn!(key, "ignoring a cache entry that is not UTF-8"))
@@ -232,12 +240,12 @@ impl Cache for RedisCache {
 
     async fn put(&self, key: &str, version: u64, value: String) {
         if let Some(cmd) = self.put_command(key, version, &value) {
-            let _: Result<i64, CallError> = self.call("put", key, &cmd).await;
+            let _: Result<i64, CallError> = self.call("EVAL", key, &cmd).await;
         }
     }
 
     async fn ping(&self) -> Result<(), String> {
-        match self.call::<String>("ping", "", &redis::cmd("PING")).await {
+        match self.call::<String>("PING", "", &redis::cmd("PING")).await {
             Ok(_) => Ok(()),
             Err(CallError::Failed(error)) => Err(error),
             Err(CallError::ShortCircuited) => Err(format!(

@@ -188,6 +188,7 @@ async fn conditional_upsert(
 
 #[async_trait]
 impl ProfileStore for MongoProfileStore {
+    #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
         let event = uuid_key(p.source_event_id);
         let filter = doc! {
@@ -222,6 +223,7 @@ impl ProfileStore for MongoProfileStore {
         conditional_upsert(self.profiles.clone(), "upsert the profile", filter, update).await
     }
 
+    #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]
     async fn mark_failed(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
         let filter = doc! {
             "uuid": uuid_key(p.uuid),
@@ -261,6 +263,7 @@ impl ProfileStore for MongoProfileStore {
         .await
     }
 
+    #[tracing::instrument(name = "profiles.erase", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]
     async fn erase(
         &self,
         uuid: Uuid,
@@ -292,6 +295,7 @@ impl ProfileStore for MongoProfileStore {
         conditional_upsert(self.profiles.clone(), "erase the profile", filter, update).await
     }
 
+    #[tracing::instrument(name = "profiles.get", skip_all, fields(otel.kind = "client", otel.name = "find enriched_users", db.system.name = "mongodb", db.operation.name = "find", db.collection.name = "enriched_users"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let profiles = self.profiles.clone();
         let filter = doc! { "uuid": uuid_key(uuid) };

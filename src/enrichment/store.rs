@@ -126,6 +126,7 @@ impl ProfileRow {
 
 #[async_trait]
 impl ProfileStore for SqliteProfileStore {
+    #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
         let result = sqlx::query(
             "INSERT INTO enriched_profiles
@@ -158,6 +159,7 @@ impl ProfileStore for SqliteProfileStore {
         Ok(written(result.rows_affected()))
     }
 
+    #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn mark_failed(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
         let result = sqlx::query(
             "INSERT INTO enriched_profiles
@@ -183,6 +185,7 @@ impl ProfileStore for SqliteProfileStore {
         Ok(written(result.rows_affected()))
     }
 
+    #[tracing::instrument(name = "profiles.erase", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn erase(
         &self,
         uuid: Uuid,
@@ -209,6 +212,7 @@ impl ProfileStore for SqliteProfileStore {
         Ok(written(result.rows_affected()))
     }
 
+    #[tracing::instrument(name = "profiles.get", skip_all, fields(otel.kind = "client", otel.name = "SELECT enriched_profiles", db.system.name = "sqlite", db.operation.name = "SELECT", db.collection.name = "enriched_profiles"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError> {
         let row: Option<ProfileRow> = sqlx::query_as(
             "SELECT uuid, name, email, linkedin, github, status, error, source_event_id,

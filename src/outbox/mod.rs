@@ -12,8 +12,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::bus::{Envelope, EventBus};
+use crate::bus::{Envelope, EventBus, headers};
 use crate::db::{Database, DbUuid, Tx};
 use crate::resilience::Backoff;
 use crate::with_tx;
@@ -144,14 +145,33 @@ impl OutboxRelay {
         }
     }
 
+    /// Publishes one row in a span of the trace stored with it (the request that
+    /// wrote the event), so the publish shows up in that request's trace.
     async fn publish(&self, envelope: &Envelope) -> Result<(), RelayError> {
-        self.bus
-            .publish(envelope)
-            .await
-            .map_err(|source| RelayError::Publish {
-                event_id: envelope.id,
-                source,
-            })?;
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            otel.name = %format!("send {}", envelope.routing_key),
+            otel.status_code = tracing::field::Empty,
+            messaging.system = self.bus.messaging_system(),
+            messaging.operation.type = "send",
+            messaging.destination.name = %envelope.routing_key,
+            messaging.message.id = %envelope.id,
+            request_id = envelope.header(headers::REQUEST_ID).unwrap_or("-"),
+        );
+        crate::telemetry::set_parent_from(&span, &envelope.headers);
+        // The message carries the publish span's context, so the consumer's span is
+        // its child, as OpenTelemetry's messaging conventions have it.
+        let mut envelope = envelope.clone();
+        crate::telemetry::inject_span_context(&span, &mut envelope.headers);
+        let published = self.bus.publish(&envelope).instrument(span.clone()).await;
+        if published.is_err() {
+            span.record("otel.status_code", "error");
+        }
+        published.map_err(|source| RelayError::Publish {
+            event_id: envelope.id,
+            source,
+        })?;
         tracing::debug!(event_id = %envelope.id, routing_key = %envelope.routing_key, "event relayed");
         Ok(())
     }
@@ -237,6 +257,18 @@ impl OutboxRelay {
             Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
         };
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// How long the oldest unsent row has waited; `None` when every row is sent.
+    /// Reads one row through the partial index of unsent rows.
+    pub async fn oldest_unsent_age(&self) -> Result<Option<Duration>, sqlx::Error> {
+        const SQL: &str =
+            "SELECT occurred_at FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1";
+        let oldest: Option<DateTime<Utc>> = match &self.db {
+            Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_optional(pool).await?,
+            Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_optional(pool).await?,
+        };
+        Ok(oldest.map(|at| (Utc::now() - at).to_std().unwrap_or(Duration::ZERO)))
     }
 
     /// On PostgreSQL, a listener for commits made by other processes.

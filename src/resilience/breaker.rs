@@ -125,6 +125,11 @@ impl CircuitBreaker {
         }
     }
 
+    /// The guarded dependency, as given to [`CircuitBreaker::new`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn policy(&self) -> BreakerPolicy {
         self.policy
     }

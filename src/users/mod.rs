@@ -25,6 +25,7 @@ pub use sql::{IDEMPOTENCY_KEY_LIFETIME, SqlUserRepository};
 use crate::bus::headers;
 use crate::cache::{self, Cache, Cached};
 use crate::outbox::OutboxSignal;
+use crate::telemetry;
 
 /// The module's public facade: what routes, the combined view, the CLI and tests use.
 #[derive(Clone)]
@@ -34,9 +35,12 @@ pub struct Users {
     cache: Arc<dyn Cache>,
 }
 
-/// Headers of the events a request causes.
+/// Headers of the events a request causes. The events join the request's trace:
+/// `traceparent` travels with the outbox row.
 fn event_headers(request_id: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(headers::REQUEST_ID.to_owned(), request_id.to_owned())])
+    let mut headers = BTreeMap::from([(headers::REQUEST_ID.to_owned(), request_id.to_owned())]);
+    telemetry::inject_context(&mut headers);
+    headers
 }
 
 fn cache_key(uuid: Uuid) -> String {

@@ -294,7 +294,7 @@ impl SqlUserRepository {
 
 #[async_trait]
 impl UserRepository for SqlUserRepository {
-    #[tracing::instrument(name = "users.create", skip_all)]
+    #[tracing::instrument(name = "users.create", skip_all, fields(otel.kind = "client", otel.name = "INSERT users", db.system.name = self.db.system_name(), db.operation.name = "INSERT", db.collection.name = "users"))]
     async fn create(
         &self,
         new: &NewUser,
@@ -315,7 +315,7 @@ impl UserRepository for SqlUserRepository {
         }
     }
 
-    #[tracing::instrument(name = "users.update", skip_all, fields(user = %uuid))]
+    #[tracing::instrument(name = "users.update", skip_all, fields(user = %uuid, otel.kind = "client", otel.name = "UPDATE users", db.system.name = self.db.system_name(), db.operation.name = "UPDATE", db.collection.name = "users"))]
     async fn update(
         &self,
         uuid: Uuid,
@@ -365,7 +365,7 @@ impl UserRepository for SqlUserRepository {
         Ok(user)
     }
 
-    #[tracing::instrument(name = "users.delete", skip_all, fields(user = %uuid))]
+    #[tracing::instrument(name = "users.delete", skip_all, fields(user = %uuid, otel.kind = "client", otel.name = "DELETE users", db.system.name = self.db.system_name(), db.operation.name = "DELETE", db.collection.name = "users"))]
     async fn delete(
         &self,
         uuid: Uuid,
@@ -394,7 +394,7 @@ impl UserRepository for SqlUserRepository {
         Ok(version)
     }
 
-    #[tracing::instrument(name = "users.get", skip(self))]
+    #[tracing::instrument(name = "users.get", skip(self), fields(otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
     async fn get(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error> {
         let row: Option<UserRow> = with_pool!(&self.db, |pool| sqlx::query_as(SELECT_USER)
             .bind(DbUuid(uuid))
@@ -403,7 +403,7 @@ impl UserRepository for SqlUserRepository {
         Ok(row.map(User::from))
     }
 
-    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit))]
+    #[tracing::instrument(name = "users.list", skip(self, query), fields(limit = query.limit, otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error> {
         let sql = list_sql(query);
         let pattern = query.q.as_deref().map(contains_pattern);
@@ -425,7 +425,7 @@ impl UserRepository for SqlUserRepository {
         Ok(rows.into_iter().map(User::from).collect())
     }
 
-    #[tracing::instrument(name = "users.republish", skip_all)]
+    #[tracing::instrument(name = "users.republish", skip_all, fields(otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
     async fn republish_page(
         &self,
         selection: &Selection,

@@ -1,6 +1,13 @@
 //! Request id: taken from `X-Request-Id` when it is sane, generated otherwise, echoed on
 //! the response, recorded on every log line of the request and carried into events.
+//! The request's span joins the trace of an incoming W3C `traceparent` (or starts one)
+//! and its context goes back in the response's `traceparent`.
+//!
+//! tracing-actix-web would give the span and the propagation too, but it makes its own
+//! request ids and its own span around ours; one middleware keeps one span per request
+//! with our id, our RED metrics and our log line.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -12,6 +19,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+use crate::telemetry::{self, TRACEPARENT, TRACESTATE};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -56,30 +64,68 @@ pub async fn request_context(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = RequestId::from_header(req.headers().get(&REQUEST_ID_HEADER));
+    // OpenTelemetry's HTTP server conventions; the name becomes "METHOD /route" once
+    // the route is known.
     let span = tracing::info_span!(
         "request",
         request_id = %id.as_str(),
         method = %req.method(),
         path = %req.path(),
+        otel.kind = "server",
+        otel.name = %req.method(),
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(),
+        url.path = %req.path(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
     );
+    telemetry::set_parent_from(&span, &trace_context_of(req.headers()));
     req.extensions_mut().insert(id.clone());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let started = Instant::now();
     let mut res = next.call(req).instrument(span.clone()).await?;
     let status = res.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
+    // The route pattern, not the path: one series per route, not per uuid.
+    let pattern = res.request().match_pattern();
+    let method = res.request().method().as_str().to_owned();
+    if let Some(route) = &pattern {
+        span.record("http.route", route.as_str());
+        telemetry::rename_span(&span, format!("{method} {route}"));
+    }
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
     if let Some(metrics) = metrics {
-        // The route pattern, not the path: one series per route, not per uuid.
-        let route = res.request().match_pattern();
-        let route = route.as_deref().unwrap_or("unmatched");
-        metrics.observe_request(res.request().method().as_str(), route, status, elapsed);
+        let route = pattern.as_deref().unwrap_or("unmatched");
+        metrics.observe_request(&method, route, status, elapsed);
     }
     let latency_ms = elapsed * 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "request completed"));
     if let Ok(value) = HeaderValue::from_str(id.as_str()) {
         res.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
+    for (name, value) in telemetry::context_headers(&span) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(&value),
+        ) {
+            res.headers_mut().insert(name, value);
+        }
+    }
     Ok(res)
+}
+
+/// The W3C trace context headers of a request, if it has any.
+fn trace_context_of(headers: &actix_web::http::header::HeaderMap) -> BTreeMap<String, String> {
+    [TRACEPARENT, TRACESTATE]
+        .into_iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

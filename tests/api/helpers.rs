@@ -23,9 +23,9 @@ use userhub::with_pool;
 static TRACING: LazyLock<()> = LazyLock::new(|| {
     let settings = Settings::load_for("test").expect("test settings load");
     if std::env::var_os("TEST_LOG").is_some() {
-        userhub::telemetry::init(&settings.log, std::io::stdout);
+        userhub::telemetry::init(&settings.log, &settings.telemetry, std::io::stdout);
     } else {
-        userhub::telemetry::init(&settings.log, std::io::sink);
+        userhub::telemetry::init(&settings.log, &settings.telemetry, std::io::sink);
     }
 });
 

@@ -14,6 +14,8 @@ mod health;
 mod helpers;
 mod lifecycle;
 mod mongo_store;
+mod monitoring;
+mod otlp;
 mod postgres;
 mod process;
 mod profile_store;
@@ -24,4 +26,5 @@ mod redis_cache;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
 mod split;
+mod traces;
 mod users;

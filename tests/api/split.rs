@@ -154,8 +154,10 @@ async fn an_api_relay_process_and_a_worker_process_enrich_200_users_exactly_once
         started.elapsed()
     );
 
-    // Exactly once: the worker logged one "profile enriched" per user, no more.
-    let per_user = {
+    // Exactly once: the worker logged one "profile enriched" per user, no more. The
+    // line is written after the store write the API reads, and reaches this process
+    // through a pipe: the last ones may still be on their way.
+    let per_user = |worker: &Process| {
         let log = worker.log.lock().unwrap();
         let mut per_user: HashMap<String, usize> = HashMap::new();
         for entry in log.iter().filter(|e| e["message"] == "profile enriched") {
@@ -165,6 +167,11 @@ async fn an_api_relay_process_and_a_worker_process_enrich_200_users_exactly_once
         }
         per_user
     };
+    let logged = Instant::now();
+    while per_user(&worker).len() < USERS && logged.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per_user = per_user(&worker);
     assert_eq!(per_user.len(), USERS, "every user enriched by the worker");
     assert!(
         per_user.values().all(|n| *n == 1),

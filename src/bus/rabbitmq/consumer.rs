@@ -155,7 +155,15 @@ impl RabbitBus {
             routing_key = %incoming.envelope.routing_key,
             request_id = incoming.envelope.header(headers::REQUEST_ID).unwrap_or("-"),
             attempt = incoming.attempt,
+            otel.kind = "consumer",
+            otel.name = %format!("process {}", queue.binding.queue),
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue.work,
+            messaging.message.id = %incoming.envelope.id,
         );
+        // The handling joins the trace of the request that emitted the event.
+        crate::telemetry::set_parent_from(&span, &incoming.envelope.headers);
         self.settle(link, queue, handler, &delivery, incoming)
             .instrument(span)
             .await

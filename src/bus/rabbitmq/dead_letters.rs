@@ -6,8 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicGetOptions;
-use lapin::types::ShortString;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use uuid::Uuid;
 
 use super::codec::{
@@ -17,7 +17,7 @@ use super::codec::{
 use super::link::{Link, ack, close_channel, io};
 use super::topology::QueueTopology;
 use super::{PERSISTENT, RabbitBus};
-use crate::bus::{BusError, DeadLetter, headers};
+use crate::bus::{BusError, DeadLetter, QueueCounts, headers};
 
 impl RabbitBus {
     /// Dead letters of every DLQ, oldest first, at most `limit`, after the one `after`.
@@ -142,6 +142,48 @@ impl RabbitBus {
         ack(delivery).await?;
         tracing::info!(dead_letter = %letter.id, queue = %queue.work, "dead letter replayed");
         Ok(())
+    }
+
+    /// Messages of each work queue: ready in the work queue or waiting in its retry
+    /// queues, and dead letters in its DLQ. One passive declare per queue, on a channel
+    /// of its own (the broker closes a channel whose passive declare finds no queue; no
+    /// other operation must pay for that). Unacknowledged deliveries are not counted.
+    pub(super) async fn count_messages(&self) -> Result<Vec<QueueCounts>, BusError> {
+        let link = self.shared.current()?;
+        let channel = io("opening a channel", link.connection.create_channel()).await?;
+        let length = async |name: &ShortString| -> Result<u64, BusError> {
+            let declared = io(
+                "counting messages",
+                channel.queue_declare(
+                    name.clone(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            Ok(u64::from(declared.message_count()))
+        };
+        let result = async {
+            let mut counts = Vec::new();
+            for queue in self.shared.topology.distinct_queues() {
+                let mut waiting = length(&queue.work).await?;
+                for retry in queue.retries.values() {
+                    waiting += length(retry).await?;
+                }
+                counts.push(QueueCounts {
+                    queue: queue.binding.queue.to_owned(),
+                    waiting,
+                    dead: length(&queue.dlq).await?,
+                });
+            }
+            Ok(counts)
+        }
+        .await;
+        close_channel(&channel).await;
+        result
     }
 
     /// Starts a walk over the dead-letter queues on a channel of its own.

@@ -39,7 +39,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler};
+use super::{
+    Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, QueueCounts,
+};
 use crate::resilience::Backoff;
 use codec::envelope_properties;
 use link::{Shared, close_channel, io, unavailable};
@@ -203,6 +205,15 @@ impl EventBus for RabbitBus {
     async fn ping(&self) -> Result<(), BusError> {
         self.shared.current().map(|_| ())
     }
+
+    fn messaging_system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn queue_counts(&self) -> Result<Vec<QueueCounts>, BusError> {
+        self.count_messages().await
+    }
+
     async fn dead_letters(
         &self,
         limit: u32,
