@@ -27,6 +27,9 @@ pub struct ListQuery {
     pub limit: u32,
     /// Return users older than this one (the last uuid of the previous page).
     pub after: Option<Uuid>,
+    /// Return the users just newer than this one (the first uuid of the next page):
+    /// the page before it, still listed newest first. Not combined with `after`.
+    pub before: Option<Uuid>,
     /// Case-insensitive substring of the name or the e-mail.
     pub q: Option<String>,
 }
@@ -48,7 +51,8 @@ pub trait UserRepository: Send + Sync {
         event_headers: BTreeMap<String, String>,
     ) -> Result<User, CreateUserError>;
     async fn get(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error>;
-    /// Newest first; at most `query.limit` users.
+    /// Newest first; at most `query.limit` users (with `before`: the `limit` users
+    /// closest to it, still newest first).
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error>;
     async fn ping(&self) -> Result<(), sqlx::Error>;
 }

@@ -50,6 +50,19 @@ impl TryFrom<CreateUserRequest> for NewUser {
     }
 }
 
+/// A taken e-mail is a 409 on the `email` field, with the reference system's message.
+impl From<CreateUserError> for ApiError {
+    fn from(error: CreateUserError) -> Self {
+        match error {
+            CreateUserError::EmailTaken => ApiError::Conflict {
+                field: "email",
+                detail: "The email has already been taken.".into(),
+            },
+            CreateUserError::Storage(e) => e.into(),
+        }
+    }
+}
+
 /// Parses a required field, recording its error under `field`.
 fn required<T>(
     errors: &mut FieldErrors,
@@ -116,16 +129,7 @@ pub async fn create_user(
     body: web::Json<CreateUserRequest>,
 ) -> ApiResult<HttpResponse> {
     let new_user = NewUser::try_from(body.into_inner())?;
-    let user = users
-        .register(new_user, request_id.as_str())
-        .await
-        .map_err(|e| match e {
-            CreateUserError::EmailTaken => ApiError::Conflict {
-                field: "email",
-                detail: "The email has already been taken.".into(),
-            },
-            CreateUserError::Storage(e) => e.into(),
-        })?;
+    let user = users.register(new_user, request_id.as_str()).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/api/users/{}", user.uuid)))
         .json(UserResponse::from(user)))
@@ -180,7 +184,12 @@ impl ListUsersParams {
             );
         }
         if errors.is_empty() {
-            Ok(ListQuery { limit, after, q })
+            Ok(ListQuery {
+                limit,
+                after,
+                before: None,
+                q,
+            })
         } else {
             Err(ApiError::Validation(errors))
         }
