@@ -1,11 +1,13 @@
 //! The composition: which routes the service has, built from the modules' public
 //! facades. Each module registers its own routes; this adds what belongs to no single
-//! module: health and metrics, the OpenAPI document, the dead-letter admin, and the
-//! combined profile view. `startup` builds the [`Routes`]; `web::serve` serves them.
+//! module: health and metrics, the OpenAPI document, the dead-letter admin, the
+//! combined profile view, and the web console. `startup` builds the [`Routes`];
+//! `web::serve` serves them.
 //!
 //! Arrows run one way: startup -> app -> modules -> web.
 
 mod admin;
+mod console;
 mod health;
 mod openapi;
 mod profile_view;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 
+pub use console::Console;
 pub use health::{Gauges, Readiness};
 pub use openapi::ApiDoc;
 
@@ -29,8 +32,10 @@ pub struct Routes {
     pub bus: Arc<dyn EventBus>,
     pub readiness: Readiness,
     pub gauges: Gauges,
-    /// Serve the `/api`, `/users` and `/admin` routes (role `api`); otherwise only the
-    /// operational ones (health, metrics, docs).
+    /// The web console (served with the API).
+    pub console: Console,
+    /// Serve the `/api`, `/users`, `/admin` and `/console` routes (role `api`);
+    /// otherwise only the operational ones (health, metrics, docs).
     pub serve_api: bool,
 }
 
@@ -48,7 +53,11 @@ impl Routes {
                 .configure(users::configure)
                 .configure(enrichment::configure)
                 .configure(profile_view::configure)
-                .configure(admin::configure);
+                .configure(admin::configure)
+                .configure(|cfg| self.console.configure(cfg))
+                .configure(|cfg| openapi::root(cfg, "/console/"));
+        } else {
+            cfg.configure(|cfg| openapi::root(cfg, "/swagger-ui/"));
         }
     }
 }

@@ -54,12 +54,16 @@ impl Modify for BearerSecurity {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         SwaggerUi::new("/swagger-ui/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()),
-    )
-    .route(
+    );
+}
+
+/// `GET /`: a redirect to `location` (the console where it is served, else Swagger UI).
+pub fn root(cfg: &mut web::ServiceConfig, location: &'static str) {
+    cfg.route(
         "/",
-        web::get().to(|| async {
+        web::get().to(move || async move {
             HttpResponse::Found()
-                .insert_header((header::LOCATION, "/swagger-ui/"))
+                .insert_header((header::LOCATION, location))
                 .finish()
         }),
     );
