@@ -104,7 +104,12 @@ impl Application {
         // First, so a configuration refused in production touches nothing.
         let auth = Arc::new(Authentication::from_settings(&settings).await?);
         let shutdown = CancellationToken::new();
-        let console = Console::from_settings(&settings, shutdown.clone()).await?;
+        // Only where it is served: a worker needs no console key.
+        let console = if roles.api {
+            Some(Console::from_settings(&settings, shutdown.clone()).await?)
+        } else {
+            None
+        };
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;

@@ -32,8 +32,8 @@ pub struct Routes {
     pub bus: Arc<dyn EventBus>,
     pub readiness: Readiness,
     pub gauges: Gauges,
-    /// The web console (served with the API).
-    pub console: Console,
+    /// The web console, served with the API (`None` without the `api` role).
+    pub console: Option<Console>,
     /// Serve the `/api`, `/users`, `/admin` and `/console` routes (role `api`);
     /// otherwise only the operational ones (health, metrics, docs).
     pub serve_api: bool,
@@ -53,11 +53,16 @@ impl Routes {
                 .configure(users::configure)
                 .configure(enrichment::configure)
                 .configure(profile_view::configure)
-                .configure(admin::configure)
-                .configure(|cfg| self.console.configure(cfg))
-                .configure(|cfg| openapi::root(cfg, "/console/"));
-        } else {
-            cfg.configure(|cfg| openapi::root(cfg, "/swagger-ui/"));
+                .configure(admin::configure);
+        }
+        match (&self.console, self.serve_api) {
+            (Some(console), true) => {
+                cfg.configure(|cfg| console.configure(cfg))
+                    .configure(|cfg| openapi::root(cfg, "/console/"));
+            }
+            _ => {
+                cfg.configure(|cfg| openapi::root(cfg, "/swagger-ui/"));
+            }
         }
     }
 }

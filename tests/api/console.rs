@@ -715,3 +715,32 @@ async fn production_refuses_the_development_session_key_and_short_ones() {
     .await;
     assert!(error.contains("database.url"), "{error}");
 }
+
+#[tokio::test]
+async fn a_store_that_is_down_is_an_html_error_page_not_a_stack_trace() {
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    let user = app.create_user("Ada Lovelace", "ada@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("reader").await;
+    store.set_down(true);
+    let page = console
+        .get(&format!(
+            "/console/users/{}",
+            user["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(page.header("content-type"), "text/html; charset=utf-8");
+    assert_eq!(page.header("retry-after"), "5");
+    assert!(page.body.contains("<h1>Temporarily unavailable</h1>"));
+    assert!(page.body.contains("The profile store is unavailable"));
+    assert!(
+        !page.body.contains("store is down (test)"),
+        "no internals shown"
+    );
+}

@@ -275,8 +275,12 @@ impl FromRequest for Viewer {
     }
 }
 
-/// Where to come back to after signing in: this page, when it is a console page.
+/// Where to come back to after signing in: this page, when it is a console page read
+/// with GET (a form sent with an ended session is not sent again).
 fn next_of(req: &HttpRequest) -> String {
+    if req.method() != actix_web::http::Method::GET {
+        return "/console/".to_owned();
+    }
     let uri = req.uri();
     let path_and_query = uri
         .path_and_query()
