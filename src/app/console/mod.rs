@@ -32,8 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{
     AuthSettings, DEVELOPMENT_CONSOLE_SESSION_KEY, MIN_PRODUCTION_SECRET_BYTES, Settings,
 };
-
-pub(crate) use pages::ConsoleError;
+use pages::ConsoleError;
 
 /// The console as configured: its session cookie, its ways to sign in, and when to stop
 /// the live status streams. Cheap to clone.
