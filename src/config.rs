@@ -27,6 +27,7 @@ pub struct Settings {
     pub cors: CorsSettings,
     pub auth: AuthSettings,
     pub http: HttpSettings,
+    pub console: ConsoleSettings,
     /// The `APP_ENV` the settings were loaded for (`local`, `test`, `production`, …).
     #[serde(skip)]
     pub environment: String,
@@ -203,24 +204,7 @@ impl AuthSettings {
         let secret = if self.hs256_secret_file.is_empty() {
             self.hs256_secret.clone()
         } else {
-            let path = Path::new(&self.hs256_secret_file);
-            let read = tokio::task::spawn_blocking({
-                let path = path.to_owned();
-                move || std::fs::read_to_string(path)
-            });
-            let content = match tokio::time::timeout(SECRET_FILE_TIMEOUT, read).await {
-                Ok(Ok(read)) => read.map_err(anyhow::Error::from),
-                Ok(Err(panicked)) => Err(anyhow::Error::from(panicked)),
-                Err(_) => Err(anyhow::anyhow!("timed out after {SECRET_FILE_TIMEOUT:?}")),
-            }
-            .with_context(|| format!("cannot read auth.hs256_secret_file {}", path.display()))?;
-            let secret = content.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(
-                !secret.is_empty(),
-                "auth.hs256_secret_file {} is empty",
-                path.display()
-            );
-            SecretString::from(secret)
+            read_secret_file("auth.hs256_secret_file", &self.hs256_secret_file).await?
         };
         Ok((!secret.expose_secret().is_empty()).then_some(secret))
     }
@@ -228,6 +212,69 @@ impl AuthSettings {
     pub fn jwks_url(&self) -> Option<&str> {
         Some(self.jwks_url.trim()).filter(|url| !url.is_empty())
     }
+}
+
+/// `[console]`: the web console under `/console/` (its sessions and its sign-in).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsoleSettings {
+    /// Encrypts and authenticates the session cookie; at least 32 bytes.
+    pub session_key: SecretString,
+    /// A file holding the session key; when set it wins over `session_key`. Empty: unset.
+    pub session_key_file: String,
+    /// Longest a console session lasts; never longer than its token.
+    pub session_ttl_secs: u64,
+    /// An OpenID Connect issuer (`{issuer}/.well-known/openid-configuration`). Empty:
+    /// no "Sign in with OIDC".
+    pub oidc_issuer: String,
+    pub oidc_client_id: String,
+    /// For a confidential client (sent as `client_secret_post`). Empty: a public client.
+    pub oidc_client_secret: SecretString,
+    /// Where the provider sends the browser back
+    /// (`https://HOST/console/sign-in/oidc/callback`). Empty: derived from the request.
+    pub oidc_redirect_url: String,
+    /// Space-separated scopes to ask for (`openid` is always asked for).
+    pub oidc_scopes: String,
+    /// Longest a call to the provider (discovery, token exchange) may take.
+    pub oidc_timeout_ms: u64,
+}
+
+/// The session key of `config/default.toml`: good enough for `cargo run`, refused in
+/// production.
+pub const DEVELOPMENT_CONSOLE_SESSION_KEY: &str =
+    "userhub-console-development-session-key-not-for-production-use";
+
+impl ConsoleSettings {
+    /// The session key: the content of `session_key_file` (without its trailing line
+    /// break) when set, else `session_key`.
+    pub async fn session_key(&self) -> anyhow::Result<SecretString> {
+        if self.session_key_file.is_empty() {
+            return Ok(self.session_key.clone());
+        }
+        read_secret_file("console.session_key_file", &self.session_key_file).await
+    }
+
+    pub fn oidc_issuer(&self) -> Option<&str> {
+        Some(self.oidc_issuer.trim()).filter(|issuer| !issuer.is_empty())
+    }
+}
+
+/// Reads a secret from a file (container secrets), without its trailing line break;
+/// an empty file is an error.
+async fn read_secret_file(setting: &str, path: &str) -> anyhow::Result<SecretString> {
+    let path = Path::new(path);
+    let read = tokio::task::spawn_blocking({
+        let path = path.to_owned();
+        move || std::fs::read_to_string(path)
+    });
+    let content = match tokio::time::timeout(SECRET_FILE_TIMEOUT, read).await {
+        Ok(Ok(read)) => read.map_err(anyhow::Error::from),
+        Ok(Err(panicked)) => Err(anyhow::Error::from(panicked)),
+        Err(_) => Err(anyhow::anyhow!("timed out after {SECRET_FILE_TIMEOUT:?}")),
+    }
+    .with_context(|| format!("cannot read {setting} {}", path.display()))?;
+    let secret = content.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!secret.is_empty(), "{setting} {} is empty", path.display());
+    Ok(SecretString::from(secret))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -10,7 +10,7 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Gauges, Readiness, Routes};
+use crate::app::{Console, Gauges, Readiness, Routes};
 use crate::bus::{DeliveryPolicy, EventBus, InProcessBus, RabbitBus};
 use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
 use crate::config::{Settings, scheme_of};
@@ -104,6 +104,13 @@ impl Application {
         let hardening = Hardening::from_settings(&settings)?;
         // First, so a configuration refused in production touches nothing.
         let auth = Arc::new(Authentication::from_settings(&settings).await?);
+        let shutdown = CancellationToken::new();
+        // Only where it is served: a worker needs no console key.
+        let console = if roles.api {
+            Some(Console::from_settings(&settings, shutdown.clone()).await?)
+        } else {
+            None
+        };
         let database = open_database(&settings).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;
@@ -149,6 +156,7 @@ impl Application {
             preconditions: Preconditions {
                 require_if_match: settings.http.require_if_match,
             },
+            console,
             serve_api: roles.api,
         };
         let stack = Stack {
@@ -173,7 +181,7 @@ impl Application {
             port,
             server,
             roles,
-            shutdown: CancellationToken::new(),
+            shutdown,
             enrichment,
             relay,
             bus,

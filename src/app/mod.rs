@@ -1,11 +1,13 @@
 //! The composition: which routes the service has, built from the modules' public
 //! facades. Each module registers its own routes; this adds what belongs to no single
-//! module: health and metrics, the OpenAPI document, the dead-letter admin, and the
-//! combined profile view. `startup` builds the [`Routes`]; `web::serve` serves them.
+//! module: health and metrics, the OpenAPI document, the dead-letter admin, the
+//! combined profile view, and the web console. `startup` builds the [`Routes`];
+//! `web::serve` serves them.
 //!
 //! Arrows run one way: startup -> app -> modules -> web.
 
 mod admin;
+mod console;
 mod health;
 mod openapi;
 mod profile_view;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 
+pub use console::Console;
 pub use health::{Gauges, Readiness};
 pub use openapi::ApiDoc;
 
@@ -32,8 +35,10 @@ pub struct Routes {
     pub gauges: Gauges,
     /// `http.require_if_match`.
     pub preconditions: Preconditions,
-    /// Serve the `/api`, `/users` and `/admin` routes (role `api`); otherwise only the
-    /// operational ones (health, metrics, docs).
+    /// The web console, served with the API (`None` without the `api` role).
+    pub console: Option<Console>,
+    /// Serve the `/api`, `/users`, `/admin` and `/console` routes (role `api`);
+    /// otherwise only the operational ones (health, metrics, docs).
     pub serve_api: bool,
 }
 
@@ -53,6 +58,15 @@ impl Routes {
                 .configure(enrichment::configure)
                 .configure(profile_view::configure)
                 .configure(admin::configure);
+        }
+        match (&self.console, self.serve_api) {
+            (Some(console), true) => {
+                cfg.configure(|cfg| console.configure(cfg))
+                    .configure(|cfg| openapi::root(cfg, "/console/"));
+            }
+            _ => {
+                cfg.configure(|cfg| openapi::root(cfg, "/swagger-ui/"));
+            }
         }
     }
 }

@@ -201,12 +201,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     }))
     .service(
         SwaggerUi::new("/swagger-ui/{_:.*}").config(utoipa_swagger_ui::Config::from(DOCUMENT_URL)),
-    )
-    .route(
+    );
+}
+
+/// `GET /`: a redirect to `location` (the console where it is served, else Swagger UI).
+pub fn root(cfg: &mut web::ServiceConfig, location: &'static str) {
+    cfg.route(
         "/",
-        web::get().to(|| async {
+        web::get().to(move || async move {
             HttpResponse::Found()
-                .insert_header((header::LOCATION, "/swagger-ui/"))
+                .insert_header((header::LOCATION, location))
                 .finish()
         }),
     );

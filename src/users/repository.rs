@@ -32,6 +32,9 @@ pub struct ListQuery {
     pub limit: u32,
     /// Return users older than this one (the last uuid of the previous page).
     pub after: Option<Uuid>,
+    /// Return the users just newer than this one (the first uuid of the next page):
+    /// the page before it, still listed newest first. Not combined with `after`.
+    pub before: Option<Uuid>,
     /// Case-insensitive substring of the name or the e-mail.
     pub q: Option<String>,
 }
@@ -72,6 +75,15 @@ pub enum Created {
     /// The key was used before with the same request: this is the user it created,
     /// as it was then.
     Replayed(User),
+}
+
+impl Created {
+    /// The user, whether created now or before.
+    pub fn into_user(self) -> User {
+        match self {
+            Self::New(user) | Self::Replayed(user) => user,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +146,8 @@ pub trait UserRepository: Send + Sync {
         event_headers: BTreeMap<String, String>,
     ) -> Result<u64, ChangeUserError>;
     async fn get(&self, uuid: Uuid) -> Result<Option<User>, sqlx::Error>;
-    /// Newest first; at most `query.limit` users.
+    /// Newest first; at most `query.limit` users (with `before`: the `limit` users
+    /// closest to it, still newest first).
     async fn list(&self, query: &ListQuery) -> Result<Vec<User>, sqlx::Error>;
     /// Writes a `user.updated` (reason `reenrich`) for up to `limit` users of
     /// `selection` older than `after` (newest first), in one transaction. Returns the

@@ -59,6 +59,24 @@ impl TryFrom<CreateUserRequest> for NewUser {
     }
 }
 
+/// A taken e-mail is a 409 on the `email` field, with the reference system's message.
+impl From<CreateUserError> for ApiError {
+    fn from(error: CreateUserError) -> Self {
+        match error {
+            CreateUserError::EmailTaken => ApiError::Conflict {
+                field: "email",
+                detail: "The email has already been taken.".into(),
+            },
+            CreateUserError::KeyReused => ApiError::Unprocessable(
+                "This Idempotency-Key was used with another request; use a new key for a \
+                 new request"
+                    .into(),
+            ),
+            CreateUserError::Storage(e) => e.into(),
+        }
+    }
+}
+
 /// Parses a required field, recording its error under `field`.
 fn required<T>(
     errors: &mut FieldErrors,
@@ -143,19 +161,7 @@ pub async fn create_user(
     let new_user = NewUser::try_from(body)?;
     let created = users
         .register(new_user, request_id.as_str(), key.as_ref())
-        .await
-        .map_err(|e| match e {
-            CreateUserError::EmailTaken => ApiError::Conflict {
-                field: "email",
-                detail: "The email has already been taken.".into(),
-            },
-            CreateUserError::KeyReused => ApiError::Unprocessable(
-                "This Idempotency-Key was used with another request; use a new key for a \
-                 new request"
-                    .into(),
-            ),
-            CreateUserError::Storage(e) => e.into(),
-        })?;
+        .await?;
     let (user, replayed) = match created {
         Created::New(user) => (user, false),
         Created::Replayed(user) => (user, true),
@@ -271,7 +277,12 @@ impl ListUsersParams {
             );
         }
         if errors.is_empty() {
-            Ok(ListQuery { limit, after, q })
+            Ok(ListQuery {
+                limit,
+                after,
+                before: None,
+                q,
+            })
         } else {
             Err(ApiError::Validation(errors))
         }

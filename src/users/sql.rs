@@ -91,6 +91,15 @@ fn list_sql(query: &ListQuery) -> String {
         conditions.push(format!("uuid < ${next}"));
         next += 1;
     }
+    // Paging backwards: the users just newer than `before`, nearest first; the caller
+    // puts them back newest first.
+    let order = if query.before.is_some() {
+        conditions.push(format!("uuid > ${next}"));
+        next += 1;
+        "ASC"
+    } else {
+        "DESC"
+    };
     if query.q.is_some() {
         conditions.push(format!(
             "(name_key LIKE ${next} ESCAPE '\\' OR email_key LIKE ${next} ESCAPE '\\')"
@@ -99,7 +108,7 @@ fn list_sql(query: &ListQuery) -> String {
     }
     format!(
         "SELECT uuid, name, email, created_at, updated_at, version FROM users {}
-          ORDER BY uuid DESC LIMIT ${next}",
+          ORDER BY uuid {order} LIMIT ${next}",
         where_clause(&conditions)
     )
 }
@@ -417,12 +426,19 @@ impl UserRepository for SqlUserRepository {
             if let Some(after) = query.after {
                 select = select.bind(DbUuid(after));
             }
+            if let Some(before) = query.before {
+                select = select.bind(DbUuid(before));
+            }
             if let Some(pattern) = &pattern {
                 select = select.bind(pattern);
             }
             select.bind(i64::from(query.limit)).fetch_all(pool).await
         })?;
-        Ok(rows.into_iter().map(User::from).collect())
+        let mut users: Vec<User> = rows.into_iter().map(User::from).collect();
+        if query.before.is_some() {
+            users.reverse();
+        }
+        Ok(users)
     }
 
     #[tracing::instrument(name = "users.republish", skip_all, fields(otel.kind = "client", otel.name = "SELECT users", db.system.name = self.db.system_name(), db.operation.name = "SELECT", db.collection.name = "users"))]
@@ -485,6 +501,7 @@ mod tests {
         let page = |after: bool, q: bool| ListQuery {
             limit: 10,
             after: after.then(Uuid::now_v7),
+            before: None,
             q: q.then(|| "x".to_owned()),
         };
         let sql = list_sql(&page(false, false));
@@ -495,6 +512,14 @@ mod tests {
             "{sql}"
         );
         assert!(sql.ends_with("LIMIT $3"), "{sql}");
+        let backwards = list_sql(&ListQuery {
+            before: Some(Uuid::now_v7()),
+            ..page(false, true)
+        });
+        assert!(
+            backwards.contains("uuid > $1") && backwards.contains("ORDER BY uuid ASC LIMIT $3"),
+            "{backwards}"
+        );
         let sql = list_sql(&page(false, true));
         assert!(
             sql.contains("LIKE $1") && sql.ends_with("LIMIT $2"),

@@ -12,7 +12,7 @@ use actix_web::http::{Method, Uri};
 use actix_web::middleware::{ErrorHandlerResponse, Next};
 use anyhow::bail;
 
-use super::problem::{Problem, problem_for_plain_errors};
+use super::problem::{Problem, is_rendered_on_purpose, problem_for_plain_errors};
 use super::rate_limit::{ClientRateLimiter, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use super::request_id::REQUEST_ID_HEADER;
 use super::tls;
@@ -174,7 +174,9 @@ pub async fn finish_responses(
     Ok(res)
 }
 
-/// The security headers of one answer; set only where the answer has none of its own.
+/// The security headers of one answer; set only where the answer has none of its own,
+/// so a route that serves pages (and knows what they load) can send a
+/// `Content-Security-Policy` of its own.
 #[derive(Debug, Clone, Copy)]
 struct SecurityHeaders {
     csp: &'static str,
@@ -206,15 +208,10 @@ impl SecurityHeaders {
     }
 }
 
-/// The error answer of a middleware's `Err` as problem+json, unless it is JSON already;
-/// its other headers are kept.
+/// The error answer of a middleware's `Err` as problem+json, unless it is JSON or an
+/// HTML page already; its other headers are kept.
 fn problem_for_error_response(res: HttpResponse) -> HttpResponse {
-    let already_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/") && v.contains("json"));
-    if already_json {
+    if is_rendered_on_purpose(res.headers()) {
         return res;
     }
     let status = res.status();

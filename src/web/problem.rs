@@ -97,7 +97,9 @@ impl ApiError {
         Self::Validation(BTreeMap::from([(field.to_owned(), vec![message.into()])]))
     }
 
-    fn problem(&self) -> Problem {
+    /// The problem+json body this error is answered with (a console shows the same
+    /// field errors in its forms).
+    pub fn problem(&self) -> Problem {
         match self {
             Self::Validation(errors) => Problem {
                 kind: "urn:userhub:problem:validation-error".into(),
@@ -188,19 +190,28 @@ pub fn json_error(error: JsonPayloadError, _req: &HttpRequest) -> actix_web::Err
     actix_web::error::InternalError::from_response(error, problem.response()).into()
 }
 
-/// Last line of defence: any error answer that is not already JSON (an unknown route, a
-/// wrong method, a framework error answering in plain text) is rewritten as
-/// problem+json, keeping its status and the headers that matter to the client. JSON
-/// answers are ours already: problems, and the readiness report's 503.
+/// Whether an answer with these headers was rendered on purpose by a handler: JSON
+/// (problems, the readiness report's 503) or an HTML page (a browser-facing route's own
+/// error page). Only other error answers are rewritten as problem+json.
+pub fn is_rendered_on_purpose(headers: &header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.trim_start().to_ascii_lowercase();
+            (v.starts_with("application/") && v.contains("json")) || v.starts_with("text/html")
+        })
+}
+
+/// Last line of defence: any error answer that is neither JSON nor an HTML page (an
+/// unknown route, a wrong method, a framework error answering in plain text) is
+/// rewritten as problem+json, keeping its status and the headers that matter to the
+/// client. JSON answers are ours already (problems, the readiness report's 503), and so
+/// are the HTML error pages of the routes that serve browsers.
 pub fn problem_for_plain_errors<B: MessageBody + 'static>(
     res: ServiceResponse<B>,
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
-    let already_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/") && v.contains("json"));
-    if already_json {
+    if is_rendered_on_purpose(res.headers()) {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let status = res.status();

@@ -168,7 +168,7 @@ fn claims_with(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value 
 }
 
 /// A signing key of the test OIDC provider, with its public JWK.
-struct TestKey {
+pub(crate) struct TestKey {
     kid: String,
     alg: Algorithm,
     encoding: EncodingKey,
@@ -177,7 +177,7 @@ struct TestKey {
 
 impl TestKey {
     /// An RSA key of tests/fixtures/auth/ (RS256).
-    fn rsa(fixture: &str, kid: &str) -> Self {
+    pub(crate) fn rsa(fixture: &str, kid: &str) -> Self {
         let pem = std::fs::read(fixture_path(&format!("{fixture}.key.pem"))).expect("fixture");
         Self::new(
             EncodingKey::from_rsa_pem(&pem).expect("RSA key"),
@@ -204,7 +204,7 @@ impl TestKey {
         }
     }
 
-    fn sign(&self, claims: &Value) -> String {
+    pub(crate) fn sign(&self, claims: &Value) -> String {
         self.sign_as(self.alg, Some(&self.kid), claims)
     }
 
@@ -224,7 +224,7 @@ fn fixture_path(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn jwk_set(keys: &[&TestKey]) -> Value {
+pub(crate) fn jwk_set(keys: &[&TestKey]) -> Value {
     json!({"keys": keys.iter().map(|key| key.jwk.clone()).collect::<Vec<_>>()})
 }
 
@@ -288,7 +288,7 @@ impl TestJwks {
 
 /// Builds the application with the test settings, `configure` applied, and returns
 /// why it refused to start. Also checks it refused before creating its database.
-async fn start_error(configure: impl FnOnce(&mut Settings)) -> String {
+pub(crate) async fn start_error(configure: impl FnOnce(&mut Settings)) -> String {
     init_tracing();
     let dir = TempDir::new().expect("temporary folder");
     let database = dir.path().join("userhub.db");

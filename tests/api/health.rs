@@ -134,14 +134,14 @@ async fn openapi_documents_every_route_with_its_errors() {
 }
 
 #[tokio::test]
-async fn swagger_ui_is_served_and_the_root_redirects_to_it() {
+async fn swagger_ui_is_served_and_the_root_redirects_to_the_console() {
     let app = spawn_app().await;
     let ui = app.get("/swagger-ui/").await;
     assert_eq!(ui.status(), StatusCode::OK);
     assert!(ui.text().await.unwrap().contains("swagger"));
     let root = app.get("/").await;
     assert_eq!(root.status(), StatusCode::FOUND);
-    assert_eq!(root.headers()["location"], "/swagger-ui/");
+    assert_eq!(root.headers()["location"], "/console/");
 }
 
 #[tokio::test]

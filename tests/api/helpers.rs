@@ -783,3 +783,156 @@ impl ProfileStore for ControlledStore {
         self.check()?.ping().await
     }
 }
+
+/// A browser-like client of the web console: it keeps the cookies the console sets
+/// (by name, as a browser does for one path) and sends no bearer token.
+pub struct ConsoleClient {
+    pub address: String,
+    client: reqwest::Client,
+    pub cookies: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+/// A console answer, read whole.
+pub struct Page {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Page {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    /// Every `Set-Cookie` of the answer.
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    }
+
+    /// The value of the first `name="csrf"` hidden field.
+    pub fn csrf(&self) -> String {
+        let start = self
+            .body
+            .find(r#"name="csrf" value=""#)
+            .unwrap_or_else(|| panic!("no CSRF field in {}", self.body))
+            + r#"name="csrf" value=""#.len();
+        let end = self.body[start..].find('"').expect("end of the CSRF value");
+        self.body[start..start + end].to_owned()
+    }
+}
+
+impl ConsoleClient {
+    pub fn new(app: &TestApp) -> Self {
+        userhub::crypto::install_crypto_provider();
+        Self {
+            address: app.address.clone(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("http client"),
+            cookies: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Sends `request` with the cookies held, keeps the ones it sets, reads the answer.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Page {
+        let response = request
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .expect("request sent");
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = response.text().await.unwrap_or_default();
+        let page = Page {
+            status,
+            headers,
+            body,
+        };
+        let mut cookies = self.cookies.lock().unwrap();
+        for set_cookie in page.set_cookies() {
+            let pair = set_cookie.split(';').next().unwrap_or_default();
+            let (name, value) = pair.split_once('=').expect("name=value");
+            let removed = set_cookie.to_ascii_lowercase().contains("max-age=0");
+            if removed || value.is_empty() {
+                cookies.remove(name);
+            } else {
+                cookies.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        page
+    }
+
+    pub async fn get(&self, path: &str) -> Page {
+        self.send(self.client.get(format!("{}{path}", self.address)))
+            .await
+    }
+
+    /// POSTs a form as a browser on the console's own page would (no `Origin` header
+    /// unless `extra` adds one).
+    pub async fn post_form(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        extra: &[(&str, &str)],
+    ) -> Page {
+        let body = serde_urlencoded::to_string(form).expect("form encodes");
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        self.send(request).await
+    }
+
+    /// Signs in through the development sign-in as `reader`, `writer` or `admin`.
+    pub async fn sign_in_as(&self, role: &str) {
+        let page = self.get("/console/sign-in").await;
+        assert_eq!(page.status, StatusCode::OK);
+        let csrf = page.csrf();
+        let signed_in = self
+            .post_form(
+                "/console/sign-in/dev",
+                &[("csrf", &csrf), ("role", role), ("next", "/console/")],
+                &[],
+            )
+            .await;
+        assert_eq!(
+            signed_in.status,
+            StatusCode::SEE_OTHER,
+            "{}",
+            signed_in.body
+        );
+        assert_eq!(signed_in.header("location"), "/console/");
+    }
+
+    /// Signs in with a pasted token; returns the answer.
+    pub async fn sign_in_with_token(&self, token: &str) -> Page {
+        let csrf = self.get("/console/sign-in").await.csrf();
+        self.post_form(
+            "/console/sign-in/token",
+            &[("csrf", &csrf), ("token", token), ("next", "/console/")],
+            &[],
+        )
+        .await
+    }
+}

@@ -5,6 +5,8 @@
 mod architecture;
 mod auth;
 mod cache;
+mod console;
+mod console_oidc;
 mod delivery;
 mod enrichment;
 mod erasure;

@@ -15,7 +15,9 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, ResponseBuilder};
 
-pub use token::{LocalToken, TokenError, TokenVerifier, mint_local_token, parse_ttl};
+pub use token::{
+    LocalToken, TokenError, TokenVerifier, VerifiedToken, mint_local_token, parse_ttl,
+};
 
 use super::identity::Role;
 use super::problem::{PROBLEM_JSON, Problem};
@@ -131,6 +133,16 @@ impl Authentication {
     /// `false` when `auth.enabled = false`: no request carries a principal then.
     pub fn is_enabled(&self) -> bool {
         self.verifier.is_some()
+    }
+
+    /// Verifies a token exactly as the bearer middleware does, for routes that receive
+    /// it some other way (e.g. kept in a session). `Ok(None)` when authentication is
+    /// off: every caller is let through then, as on the protected routes.
+    pub async fn verify(&self, token: &str) -> Result<Option<VerifiedToken>, TokenError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify_token(token).await.map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -382,6 +394,8 @@ mod tests {
             (Method::GET, "/apiary", Access::Public),
             (Method::GET, "/users/enrichedx", Access::Public),
             (Method::GET, "/administrator", Access::Public),
+            (Method::GET, "/console/", Access::Public),
+            (Method::POST, "/console/users", Access::Public),
         ];
         for (method, path, expected) in cases {
             assert_eq!(required_access(&method, path), expected, "{method} {path}");

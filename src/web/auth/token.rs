@@ -87,6 +87,9 @@ impl TokenError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Seconds since the epoch (a JSON number, possibly with a fraction); required and
+    /// checked by [`Validation`].
+    exp: f64,
     #[serde(default)]
     roles: Option<Value>,
     #[serde(default)]
@@ -163,6 +166,14 @@ impl TokenVerifier {
     /// Checks signature, algorithm, `exp`, `nbf`, `iss`, `aud` and `sub`, and returns
     /// who the token speaks for.
     pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        self.verify_token(token)
+            .await
+            .map(|verified| verified.principal)
+    }
+
+    /// As [`TokenVerifier::verify`], and also when the token expires: for callers that
+    /// keep a token across requests (a session must not outlive its token).
+    pub async fn verify_token(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
@@ -190,8 +201,21 @@ impl TokenVerifier {
         validation.leeway = self.leeway_secs;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|error| TokenError::from_jwt(&error))?;
-        data.claims.into_principal()
+        // Saturating: `Validation` already refused a token whose `exp` has passed.
+        let expires_at = data.claims.exp as i64;
+        Ok(VerifiedToken {
+            principal: data.claims.into_principal()?,
+            expires_at,
+        })
     }
+}
+
+/// A token that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub principal: Principal,
+    /// Its `exp`, in seconds since the epoch.
+    pub expires_at: i64,
 }
 
 /// A token `userhub token` mints.
@@ -297,6 +321,7 @@ mod tests {
     fn roles_come_from_the_roles_array_and_the_scope_string_unknown_ones_ignored() {
         let claims: Claims = serde_json::from_value(serde_json::json!({
             "sub": "alice",
+            "exp": 1,
             "roles": ["users:read", "root", 7],
             "scope": "openid profile users:write"
         }))
@@ -311,7 +336,8 @@ mod tests {
 
     #[test]
     fn an_empty_subject_is_refused() {
-        let claims: Claims = serde_json::from_value(serde_json::json!({"sub": " "})).unwrap();
+        let claims: Claims =
+            serde_json::from_value(serde_json::json!({"sub": " ", "exp": 1})).unwrap();
         assert_eq!(claims.into_principal(), Err(TokenError::BadClaims));
     }
 
