@@ -7,6 +7,7 @@
 //! Arrows run one way: startup -> app -> modules -> web.
 
 mod admin;
+mod asyncapi;
 mod console;
 mod health;
 mod openapi;
@@ -48,7 +49,8 @@ impl Routes {
         cfg.app_data(web::Data::new(self.readiness.clone()))
             .app_data(web::Data::new(self.gauges.clone()))
             .configure(health::configure)
-            .configure(openapi::configure);
+            .configure(openapi::configure)
+            .configure(asyncapi::configure);
         if self.serve_api {
             cfg.app_data(web::Data::new(self.users.clone()))
                 .app_data(web::Data::new(self.enrichment.clone()))

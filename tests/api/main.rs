@@ -3,6 +3,7 @@
 //! against the services that scripts/test-services.sh provides (see services.rs).
 
 mod architecture;
+mod asyncapi;
 mod auth;
 mod cache;
 mod console;
