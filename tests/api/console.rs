@@ -1,8 +1,9 @@
 //! The web console over HTTP: where `/` leads, sessions and their cookie, the three
 //! ways in (pasted token, development sign-in; OIDC is in console_oidc.rs), the
-//! role-dependent views, the create form with the API's own field errors, CSRF and
-//! cross-site refusals, keyset paging and search, the live status stream, dead-letter
-//! replay, the HTML error pages, and what production refuses.
+//! role-dependent views, the create form with the API's own field errors, editing and
+//! deleting a user (field errors, stale versions), CSRF and cross-site refusals, keyset
+//! paging and search, the live status stream, dead-letter replay, the HTML error pages,
+//! and what production refuses.
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -10,8 +11,8 @@ use userhub::config::DEVELOPMENT_CONSOLE_SESSION_KEY;
 
 use crate::auth::start_error;
 use crate::helpers::{
-    ConsoleClient, ControlledStore, DEADLINE, Spawn, eventually, hs256_token, spawn, spawn_app,
-    test_claims, token_with_roles,
+    ConsoleClient, ControlledStore, DEADLINE, Page, Spawn, TestApp, eventually, hs256_token, spawn,
+    spawn_app, test_claims, token_with_roles,
 };
 
 const CONSOLE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -743,4 +744,471 @@ async fn a_store_that_is_down_is_an_html_error_page_not_a_stack_trace() {
         !page.body.contains("store is down (test)"),
         "no internals shown"
     );
+}
+
+/// The routing keys of the outbox, oldest first.
+async fn routing_keys(app: &TestApp) -> Vec<String> {
+    userhub::with_pool!(&app.db, |pool| sqlx::query_scalar(
+        "SELECT routing_key FROM outbox ORDER BY id"
+    )
+    .fetch_all(pool)
+    .await)
+    .expect("outbox query")
+}
+
+/// The value of the hidden field `name` of the page's form.
+fn hidden(page: &Page, name: &str) -> String {
+    let marker = format!(r#"name="{name}" value=""#);
+    let start = page
+        .body
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} field in {}", page.body))
+        + marker.len();
+    let end = page.body[start..].find('"').expect("end of the value");
+    page.body[start..start + end].to_owned()
+}
+
+/// Creates a user through the API; its uuid.
+async fn user_uuid(app: &TestApp, name: &str, email: &str) -> String {
+    let user = app.create_user(name, email).await;
+    user["uuid"].as_str().expect("a uuid").to_owned()
+}
+
+/// Sends the edit form as read from `form` (its CSRF token and version), with `name`
+/// and `email` typed in.
+async fn send_edit(
+    console: &ConsoleClient,
+    uuid: &str,
+    form: &Page,
+    name: &str,
+    email: &str,
+) -> Page {
+    let fields = [
+        ("csrf", form.csrf()),
+        ("version", hidden(form, "version")),
+        ("name", name.to_owned()),
+        ("email", email.to_owned()),
+    ];
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    console
+        .post_form(&format!("/console/users/{uuid}/edit"), &fields, &[])
+        .await
+}
+
+#[tokio::test]
+async fn a_writer_edits_a_user_through_the_form_and_the_change_is_announced() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("writer").await;
+
+    let detail = console.get(&format!("/console/users/{uuid}")).await;
+    assert!(
+        detail
+            .body
+            .contains(&format!(r#"href="/console/users/{uuid}/edit""#))
+    );
+    assert!(
+        detail
+            .body
+            .contains(&format!(r#"href="/console/users/{uuid}/delete""#))
+    );
+    let form = console.get(&format!("/console/users/{uuid}/edit")).await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(
+        form.body.contains("<h1>Edit Ada Lovelace</h1>"),
+        "{}",
+        form.body
+    );
+    assert!(form.body.contains(r#"value="Ada Lovelace""#));
+    assert!(form.body.contains(r#"value="ada@example.com""#));
+    assert_eq!(hidden(&form, "version"), "1");
+    assert!(!form.body.contains("style="), "no inline style");
+
+    let saved = send_edit(&console, &uuid, &form, "  Ada King ", "ada@example.com").await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(
+        saved.header("location"),
+        format!("/console/users/{uuid}?updated=1")
+    );
+    let detail = console.get(saved.header("location")).await;
+    assert!(detail.body.contains("<h1>Ada King</h1>"), "{}", detail.body);
+    assert!(detail.body.contains("Changes saved."));
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada King", "trimmed like the API's");
+    assert_eq!(routing_keys(&app).await, ["user.created", "user.updated"]);
+
+    // Sent again unchanged: back to the user page, nothing written, nothing announced.
+    let form = console.get(&format!("/console/users/{uuid}/edit")).await;
+    assert_eq!(hidden(&form, "version"), "2");
+    let unchanged = send_edit(&console, &uuid, &form, "Ada King", "ada@example.com").await;
+    assert_eq!(unchanged.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        unchanged.header("location"),
+        format!("/console/users/{uuid}")
+    );
+    assert_eq!(routing_keys(&app).await, ["user.created", "user.updated"]);
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada King");
+}
+
+#[tokio::test]
+async fn the_edit_form_shows_400_and_409_beside_the_fields_and_keeps_what_was_typed() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    app.create_user("Grace Hopper", "grace@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("writer").await;
+    let form = console.get(&format!("/console/users/{uuid}/edit")).await;
+
+    let invalid = send_edit(&console, &uuid, &form, "Al", "not-an-address").await;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    let body = &invalid.body;
+    assert!(
+        body.contains(
+            r#"<p class="error-message" id="name-error">Name must be at least 3 characters long</p>"#
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            r#"<p class="error-message" id="email-error">E-mail must be a valid e-mail address</p>"#
+        ),
+        "{body}"
+    );
+    assert!(body.contains(r#"value="Al""#) && body.contains(r#"value="not-an-address""#));
+    assert!(body.contains(r#"aria-describedby="name-hint name-error""#));
+    assert!(body.contains("The changes were not saved"));
+    assert_eq!(hidden(&invalid, "version"), "1", "still the version read");
+
+    let taken = send_edit(&console, &uuid, &form, "Ada Again", "GRACE@example.com").await;
+    assert_eq!(taken.status, StatusCode::CONFLICT);
+    assert!(
+        taken
+            .body
+            .contains(r#"id="email-error">The email has already been taken.</p>"#),
+        "{}",
+        taken.body
+    );
+    assert!(taken.body.contains(r#"value="Ada Again""#));
+    assert!(taken.body.contains(r#"value="GRACE@example.com""#));
+    assert!(!taken.body.contains("name-error"));
+
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada Lovelace", "nothing changed");
+    assert_eq!(routing_keys(&app).await, ["user.created", "user.created"]);
+}
+
+#[tokio::test]
+async fn an_edit_of_a_version_changed_meanwhile_is_refused_and_shows_the_current_one() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("writer").await;
+    let form = console.get(&format!("/console/users/{uuid}/edit")).await;
+
+    // Someone changes the user through the API while the form is open.
+    let patched = app
+        .patch_json(
+            &format!("/api/users/{uuid}"),
+            &json!({"name": "Ada Byron", "email": "byron@example.com"}),
+        )
+        .await;
+    assert_eq!(patched.status(), StatusCode::OK);
+
+    let stale = send_edit(&console, &uuid, &form, "Ada King", "ada@example.com").await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    let body = &stale.body;
+    assert!(
+        body.contains("This user was changed meanwhile; here is the current version"),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"<dd id="current-name">Ada Byron</dd>"#),
+        "{body}"
+    );
+    assert!(body.contains("byron@example.com"));
+    assert!(
+        body.contains(r#"value="Ada King""#),
+        "what was typed is kept"
+    );
+    assert_eq!(hidden(&stale, "version"), "2", "the current version now");
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada Byron", "not overwritten");
+
+    // Sent again from the refreshed form: accepted.
+    let saved = send_edit(&console, &uuid, &stale, "Ada King", "ada@example.com").await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada King");
+    assert_eq!(user["email"], "ada@example.com");
+}
+
+#[tokio::test]
+async fn readers_neither_see_nor_may_use_edit_and_delete() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    let reader = ConsoleClient::new(&app);
+    reader.sign_in_as("reader").await;
+    let detail = reader.get(&format!("/console/users/{uuid}")).await;
+    assert_eq!(detail.status, StatusCode::OK);
+    assert!(!detail.body.contains(r#"/edit""#), "{}", detail.body);
+    assert!(!detail.body.contains(r#"/delete""#), "{}", detail.body);
+    for page in ["edit", "delete"] {
+        let form = reader.get(&format!("/console/users/{uuid}/{page}")).await;
+        assert_eq!(form.status, StatusCode::FORBIDDEN, "{page}");
+    }
+    // Hiding is not the only guard: the reader's posts are refused with the 403 page.
+    let csrf = detail.csrf();
+    let edit = reader
+        .post_form(
+            &format!("/console/users/{uuid}/edit"),
+            &[
+                ("csrf", &csrf),
+                ("version", "1"),
+                ("name", "Eve Intruder"),
+                ("email", "eve@example.com"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(edit.status, StatusCode::FORBIDDEN);
+    assert!(edit.body.contains("<h1>Not allowed</h1>"), "{}", edit.body);
+    assert!(edit.body.contains("users:write"));
+    let delete = reader
+        .post_form(
+            &format!("/console/users/{uuid}/delete"),
+            &[("csrf", &csrf), ("version", "1")],
+            &[],
+        )
+        .await;
+    assert_eq!(delete.status, StatusCode::FORBIDDEN);
+    assert!(delete.body.contains("<h1>Not allowed</h1>"));
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada Lovelace");
+    assert_eq!(routing_keys(&app).await, ["user.created"]);
+}
+
+#[tokio::test]
+async fn forged_edit_and_delete_posts_are_refused() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("admin").await;
+    let csrf = console
+        .get(&format!("/console/users/{uuid}/edit"))
+        .await
+        .csrf();
+    for forged in ["", "forged"] {
+        let edit = console
+            .post_form(
+                &format!("/console/users/{uuid}/edit"),
+                &[
+                    ("csrf", forged),
+                    ("version", "1"),
+                    ("name", "Mallory"),
+                    ("email", "mallory@example.com"),
+                ],
+                &[],
+            )
+            .await;
+        assert_eq!(edit.status, StatusCode::FORBIDDEN, "{forged:?}");
+        assert!(edit.body.contains("Form expired"));
+        let delete = console
+            .post_form(
+                &format!("/console/users/{uuid}/delete"),
+                &[("csrf", forged), ("version", "1")],
+                &[],
+            )
+            .await;
+        assert_eq!(delete.status, StatusCode::FORBIDDEN, "{forged:?}");
+        assert!(delete.body.contains("Form expired"));
+    }
+    // The right token from another site's page.
+    let cross = console
+        .post_form(
+            &format!("/console/users/{uuid}/delete"),
+            &[("csrf", &csrf), ("version", "1")],
+            &[("origin", "http://evil.example")],
+        )
+        .await;
+    assert_eq!(cross.status, StatusCode::FORBIDDEN);
+    assert!(cross.body.contains("sent from another site"));
+    let user: serde_json::Value = app.get_json(&format!("/api/users/{uuid}")).await;
+    assert_eq!(user["name"], "Ada Lovelace", "nothing changed");
+    assert_eq!(routing_keys(&app).await, ["user.created"]);
+}
+
+#[tokio::test]
+async fn a_writer_deletes_a_user_after_confirming_and_it_is_gone_everywhere() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    app.create_user("Grace Hopper", "grace@example.com").await;
+    app.deliver_all().await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("writer").await;
+
+    let confirm = console.get(&format!("/console/users/{uuid}/delete")).await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(
+        confirm.body.contains("<h1>Delete Ada Lovelace?</h1>"),
+        "{}",
+        confirm.body
+    );
+    assert!(
+        confirm
+            .body
+            .contains("This erases the user and its profile everywhere; it cannot be undone.")
+    );
+    assert_eq!(hidden(&confirm, "version"), "1");
+    let deleted = console
+        .post_form(
+            &format!("/console/users/{uuid}/delete"),
+            &[("csrf", &confirm.csrf()), ("version", "1")],
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::SEE_OTHER, "{}", deleted.body);
+    let location = deleted.header("location");
+    assert_eq!(location, "/console/?deleted=1", "no name in the URL");
+    let list = console.get(location).await;
+    assert!(
+        list.body
+            .contains(r#"<p class="notice" role="status">Deleted Ada Lovelace.</p>"#),
+        "{}",
+        list.body
+    );
+    assert!(!list.body.contains(&uuid), "not listed any more");
+    assert!(list.body.contains("Grace Hopper"));
+    // The flash is shown once.
+    let again = console.get(location).await;
+    assert!(!again.body.contains("Ada Lovelace"), "{}", again.body);
+    assert!(again.body.contains("The user was deleted."));
+
+    assert_eq!(
+        app.get(&format!("/api/users/{uuid}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let page = console.get(&format!("/console/users/{uuid}")).await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(page.body.contains("<h1>Not found</h1>"));
+    for path in ["edit", "delete"] {
+        let page = console.get(&format!("/console/users/{uuid}/{path}")).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(
+        routing_keys(&app).await,
+        ["user.created", "user.created", "user.deleted"]
+    );
+    // Enrichment erases the profile too.
+    app.deliver_all().await;
+    assert_eq!(
+        app.get(&format!("/users/enriched/{uuid}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn a_delete_of_a_version_changed_meanwhile_is_refused_and_shows_the_current_one() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Ada Lovelace", "ada@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("writer").await;
+    let confirm = console.get(&format!("/console/users/{uuid}/delete")).await;
+    let patched = app
+        .patch_json(&format!("/api/users/{uuid}"), &json!({"name": "Ada Byron"}))
+        .await;
+    assert_eq!(patched.status(), StatusCode::OK);
+
+    let form = [
+        ("csrf", confirm.csrf()),
+        ("version", hidden(&confirm, "version")),
+    ];
+    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stale = console
+        .post_form(&format!("/console/users/{uuid}/delete"), &form, &[])
+        .await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    assert!(
+        stale
+            .body
+            .contains("This user was changed meanwhile; here is the current version"),
+        "{}",
+        stale.body
+    );
+    assert!(stale.body.contains("Nothing was deleted."));
+    assert!(stale.body.contains("<h1>Delete Ada Byron?</h1>"));
+    assert_eq!(hidden(&stale, "version"), "2");
+    assert_eq!(
+        app.get(&format!("/api/users/{uuid}")).await.status(),
+        StatusCode::OK,
+        "still there"
+    );
+
+    // Confirmed again, for the current version.
+    let deleted = console
+        .post_form(
+            &format!("/console/users/{uuid}/delete"),
+            &[("csrf", &stale.csrf()), ("version", "2")],
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::SEE_OTHER);
+    let list = console.get(deleted.header("location")).await;
+    assert!(list.body.contains("Deleted Ada Byron."), "{}", list.body);
+}
+
+#[tokio::test]
+async fn the_status_stream_of_a_user_that_gets_deleted_ends() {
+    let app = spawn_app().await;
+    let uuid = user_uuid(&app, "Grace Hopper", "grace@example.com").await;
+    let console = ConsoleClient::new(&app);
+    console.sign_in_as("reader").await;
+    let cookie = console
+        .cookies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let status_url = app.url(&format!("/console/users/{uuid}/status"));
+    let mut stream = reqwest::Client::new()
+        .get(&status_url)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+
+    let mut received = String::new();
+    let ended = tokio::time::timeout(DEADLINE, async {
+        let mut deleted = false;
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            received.push_str(&String::from_utf8_lossy(&chunk));
+            // Pending (no enrichment delivered): deleted through the API now.
+            if !deleted && received.contains("\"status\":\"pending\"") {
+                deleted = true;
+                let response = app.delete(&format!("/api/users/{uuid}")).await;
+                assert_eq!(response.status(), StatusCode::NO_CONTENT);
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends: {received}");
+    assert!(received.contains("\"status\":\"deleted\""), "{received}");
+    assert!(received.contains("\"final\":true"), "{received}");
+    assert!(
+        received.contains("This user has been deleted."),
+        "{received}"
+    );
+
+    // And no new stream opens for it: a 404, which the browser does not retry.
+    let again = reqwest::Client::new()
+        .get(&status_url)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
 }

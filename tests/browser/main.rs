@@ -4,7 +4,9 @@
 //! print `SKIPPED: …` and pass, unless `CI` is set.
 //!
 //! Covered: sign-in; creating a user and watching its status turn `completed` without a
-//! reload; validation and 409 messages beside the fields; search and paging; the
+//! reload; validation and 409 messages beside the fields; editing a user (with its field
+//! errors and a change made meanwhile); deleting one through the confirmation, by
+//! keyboard, and a page open on a user that gets deleted; search and paging; the
 //! role-dependent views; a forged cross-site POST refused; a failed enrichment and the
 //! dead-letter replay; axe-core on every page at 1280 and 390 px, screenshots, and no
 //! sideways scrolling at 360 px.
@@ -12,6 +14,7 @@
 mod harness;
 
 use harness::{Harness, available};
+use userhub::web::identity::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_a_user_and_watch_its_status_turn_completed_without_a_reload() {
@@ -343,5 +346,255 @@ async fn a_failed_enrichment_shows_its_error_and_an_admin_replays_it() {
         "document.querySelector('#enrichment-status .badge').innerText === 'completed'",
     )
     .await;
+    h.stop().await;
+}
+
+/// Sends `method` to the API for `path` as a writer (a change made behind the page's
+/// back); answers the status.
+async fn api_change(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> reqwest::StatusCode {
+    let token = h.token(vec![Role::UsersWrite]).await;
+    let mut request = reqwest::Client::new()
+        .request(method, h.url(path))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("API request").status()
+}
+
+/// The uuid in a user page's path (`/console/users/{uuid}…`).
+fn uuid_of(path: &str) -> String {
+    path.trim_start_matches("/console/users/")
+        .split(['/', '?'])
+        .next()
+        .expect("a uuid")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_a_user_through_the_form_and_see_the_new_name() {
+    if !available() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.seed_users(&[
+        ("Ada Lovelace", "ada@example.com"),
+        ("Grace Hopper", "grace@example.com"),
+    ])
+    .await;
+    h.sign_in_as("writer").await;
+    h.click_and_wait("tbody tr:nth-child(2) a").await;
+    assert_eq!(h.text("h1").await, "Ada Lovelace");
+    let uuid = uuid_of(&h.path().await);
+    h.click_and_wait(".page-actions a[href$='/edit']").await;
+    assert_eq!(h.path().await, format!("/console/users/{uuid}/edit"));
+    assert_eq!(h.text("h1").await, "Edit Ada Lovelace");
+    assert_eq!(
+        h.eval::<String>("document.getElementById('name').value")
+            .await,
+        "Ada Lovelace"
+    );
+    assert_eq!(
+        h.eval::<String>("document.getElementById('email').value")
+            .await,
+        "ada@example.com"
+    );
+    h.check_page("edit-user").await;
+
+    let submit = "form[action$='/edit'] button[type=submit]";
+    h.fill("#name", "Al").await;
+    h.fill("#email", "not-an-address").await;
+    h.click_and_wait(submit).await;
+    assert_eq!(
+        h.text("#name-error").await,
+        "Name must be at least 3 characters long"
+    );
+    assert_eq!(
+        h.text("#email-error").await,
+        "E-mail must be a valid e-mail address"
+    );
+    assert_eq!(
+        h.eval::<String>("document.activeElement.id").await,
+        "error-summary",
+        "focus moves to the error summary"
+    );
+    h.check_page("edit-user-errors").await;
+
+    h.fill("#name", "Ada Lovelace").await;
+    h.fill("#email", "GRACE@example.com").await;
+    h.click_and_wait(submit).await;
+    assert_eq!(
+        h.text("#email-error").await,
+        "The email has already been taken."
+    );
+    assert_eq!(
+        h.eval::<String>("document.getElementById('email').value")
+            .await,
+        "GRACE@example.com"
+    );
+
+    // Changed through the API while the form is open: refused, the current version
+    // shown, what was typed kept.
+    let patched = api_change(
+        &h,
+        reqwest::Method::PATCH,
+        &format!("/api/users/{uuid}"),
+        Some(serde_json::json!({"name": "Ada Byron"})),
+    )
+    .await;
+    assert_eq!(patched, reqwest::StatusCode::OK);
+    h.fill("#name", "Ada King").await;
+    h.fill("#email", "ada@example.com").await;
+    h.click_and_wait(submit).await;
+    assert_eq!(h.text("h1").await, "Edit Ada Byron");
+    assert!(
+        h.text("#error-summary")
+            .await
+            .contains("This user was changed meanwhile; here is the current version"),
+    );
+    assert_eq!(h.text("#current-name").await, "Ada Byron");
+    assert_eq!(
+        h.eval::<String>("document.getElementById('name').value")
+            .await,
+        "Ada King"
+    );
+    h.check_page("edit-user-changed").await;
+
+    h.click_and_wait(submit).await;
+    assert_eq!(h.path().await, format!("/console/users/{uuid}?updated=1"));
+    assert_eq!(h.text("h1").await, "Ada King");
+    assert!(h.text(".notice").await.contains("Changes saved."));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_a_user_through_the_confirmation_and_land_on_the_list_without_it() {
+    if !available() {
+        return;
+    }
+    let h = Harness::start().await;
+    h.seed_users(&[
+        ("Ada Lovelace", "ada@example.com"),
+        ("Grace Hopper", "grace@example.com"),
+    ])
+    .await;
+    h.sign_in_as("writer").await;
+
+    // A page open on a user that is deleted meanwhile says so, and stops watching.
+    h.store.hold();
+    h.seed_users(&[("Alan Turing", "alan@example.com")]).await;
+    h.open("/console/").await;
+    h.click_and_wait("tbody tr:first-child a").await;
+    assert_eq!(h.text("h1").await, "Alan Turing");
+    h.wait_for(
+        "the page listens for changes",
+        "document.getElementById('live-indicator').innerText.includes('Watching')",
+    )
+    .await;
+    let alan = uuid_of(&h.path().await);
+    let deleted = api_change(
+        &h,
+        reqwest::Method::DELETE,
+        &format!("/api/users/{alan}"),
+        None,
+    )
+    .await;
+    assert_eq!(deleted, reqwest::StatusCode::NO_CONTENT);
+    h.wait_for(
+        "the page says the user is gone",
+        "document.getElementById('enrichment-status').innerText.includes('This user has been deleted.')",
+    )
+    .await;
+    h.wait_for(
+        "the page stops watching",
+        "document.getElementById('live-indicator').innerText === ''",
+    )
+    .await;
+    h.store.release();
+
+    h.open("/console/").await;
+    h.click_and_wait("tbody tr:nth-child(2) a").await;
+    assert_eq!(h.text("h1").await, "Ada Lovelace");
+    let user_page = h.path().await;
+    h.click_and_wait(".page-actions a[href$='/delete']").await;
+    assert_eq!(h.text("h1").await, "Delete Ada Lovelace?");
+    assert!(
+        h.text("main")
+            .await
+            .contains("This erases the user and its profile everywhere; it cannot be undone.")
+    );
+    h.check_page("delete-user").await;
+
+    // Keyboard: Tab reaches the confirmation's button, with a visible focus, then
+    // Cancel; Enter on the button deletes.
+    let tab_to_delete = async || {
+        for _ in 0..20 {
+            h.page
+                .find_element("body")
+                .await
+                .expect("body")
+                .press_key("Tab")
+                .await
+                .expect("Tab");
+            if h.eval::<bool>("document.activeElement.matches(\"form[action$='/delete'] button\")")
+                .await
+            {
+                return;
+            }
+        }
+        panic!("Tab never reached the delete button");
+    };
+    tab_to_delete().await;
+    assert_eq!(
+        h.eval::<String>("document.activeElement.innerText").await,
+        "Delete Ada Lovelace"
+    );
+    assert_ne!(
+        h.eval::<String>("getComputedStyle(document.activeElement).outlineStyle")
+            .await,
+        "none",
+        "focus is visible"
+    );
+    h.page
+        .find_element("body")
+        .await
+        .expect("body")
+        .press_key("Tab")
+        .await
+        .expect("Tab");
+    assert_eq!(
+        h.eval::<String>("document.activeElement.innerText").await,
+        "Cancel"
+    );
+    h.open(&format!("{user_page}/delete")).await;
+    tab_to_delete().await;
+    h.eval::<bool>("(window.__stay = true, true)").await;
+    h.page
+        .find_element("body")
+        .await
+        .expect("body")
+        .press_key("Enter")
+        .await
+        .expect("Enter");
+    h.wait_for(
+        "the list after the deletion",
+        "window.__stay === undefined && document.readyState === 'complete'",
+    )
+    .await;
+    assert_eq!(h.path().await, "/console/?deleted=1");
+    assert_eq!(h.text(".notice").await, "Deleted Ada Lovelace.");
+    let table = h.text("tbody").await;
+    assert!(!table.contains("Ada Lovelace"), "{table}");
+    assert!(table.contains("Grace Hopper"), "{table}");
+    h.check_page("users-after-delete").await;
+    assert_eq!(h.user_count().await, 1);
+
+    h.open(&user_page).await;
+    assert_eq!(h.text("h1").await, "Not found");
     h.stop().await;
 }

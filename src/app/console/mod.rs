@@ -7,8 +7,9 @@
 //! One file per page group: [`session`] (the cookie, CSRF, who is signed in),
 //! [`sign_in`] (pasted token, development sign-in, sign-out) and [`oidc`] (authorization
 //! code + PKCE), [`users`] (list, search, create), [`user_detail`] (one user and its live
-//! enrichment status), [`dead_letters`] (admin), [`assets`] (stylesheet and script) and
-//! [`pages`] (the layout, the error pages and the headers every console answer gets).
+//! enrichment status), [`user_changes`] (edit and delete), [`dead_letters`] (admin),
+//! [`assets`] (stylesheet and script) and [`pages`] (the layout, the error pages and the
+//! headers every console answer gets).
 
 mod assets;
 mod dead_letters;
@@ -16,6 +17,7 @@ mod oidc;
 mod pages;
 mod session;
 mod sign_in;
+mod user_changes;
 mod user_detail;
 mod users;
 
@@ -134,6 +136,7 @@ impl Console {
                 .configure(assets::configure)
                 .configure(users::configure)
                 .configure(user_detail::configure)
+                .configure(user_changes::configure)
                 .configure(dead_letters::configure)
                 .configure(|cfg| sign_in::configure(cfg, self.inner.dev_sign_in.is_some()))
                 .configure(oidc::configure)

@@ -25,6 +25,12 @@ use crate::web::identity::{Principal, Role};
 pub(super) const SESSION_COOKIE: &str = "userhub_console";
 pub(super) const COOKIE_PATH: &str = "/console";
 
+/// A one-time message for the next page (after a deletion: whom it erased). Sealed
+/// like the session, so the name it carries is in no URL, log or browser history.
+const FLASH_COOKIE: &str = "userhub_console_flash";
+/// A flash not read by then (the redirect was not followed) is dropped.
+const FLASH_TTL: Duration = Duration::from_secs(60);
+
 /// How long a session without a token (one that only carries the CSRF token of the
 /// sign-in forms) is kept.
 const ANONYMOUS_TTL: Duration = Duration::from_secs(3600);
@@ -135,6 +141,23 @@ impl Sessions {
             .unwrap_or_else(|| removal(name, path))
     }
 
+    /// The `Set-Cookie` of a flash message for the next page.
+    pub fn flash(&self, message: String) -> Cookie<'static> {
+        self.seal(
+            FLASH_COOKIE,
+            message,
+            COOKIE_PATH,
+            SameSite::Strict,
+            FLASH_TTL,
+        )
+    }
+
+    /// The flash message the request carries, if any; the answer that shows it should
+    /// also send [`flash_removal`].
+    pub fn flash_of(&self, req: &HttpRequest) -> Option<String> {
+        self.open(req, FLASH_COOKIE)
+    }
+
     /// The decrypted value of the cookie `name`; `None` when it is absent or was not
     /// sealed with this key (forged, tampered with, or from before a key change).
     pub fn open(&self, req: &HttpRequest, name: &str) -> Option<String> {
@@ -149,6 +172,11 @@ pub(super) fn removal(name: &'static str, path: &'static str) -> Cookie<'static>
     let mut cookie = Cookie::build(name, "").path(path).finish();
     cookie.make_removal();
     cookie
+}
+
+/// The `Set-Cookie` that drops a flash message once shown.
+pub(super) fn flash_removal() -> Cookie<'static> {
+    removal(FLASH_COOKIE, COOKIE_PATH)
 }
 
 /// 32 random bytes, URL-safe base64: CSRF tokens, OIDC `state`, `nonce` and verifier.

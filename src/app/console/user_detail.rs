@@ -1,9 +1,7 @@
 //! One user's page, and the stream that keeps its enrichment status live: the page opens
 //! an `EventSource` on `/console/users/{uuid}/status`, which sends the status block again
-//! (rendered by the same template) each time it changes, and ends once it is final.
-//!
-//! Edit and delete belong here once `PATCH` and `DELETE /api/users/{uuid}` exist (see
-//! `configure`); the template has their place too (`console/user.html`, "Actions").
+//! (rendered by the same template) each time it changes, and ends once it is final or
+//! the user is deleted. Editing and deleting are in [`super::user_changes`].
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -21,7 +19,7 @@ use super::pages::{ConsoleError, Layout, render};
 use super::session::Viewer;
 use crate::app::profile_view::{EnrichmentState, EnrichmentView};
 use crate::enrichment::{EnrichedProfile, Enrichment, StoreError};
-use crate::users::Users;
+use crate::users::{User, Users};
 use crate::web::identity::Role;
 
 /// How often a status stream looks at the store: a change shows within this (plus a
@@ -33,21 +31,18 @@ const STREAM_LIFETIME: Duration = Duration::from_secs(120);
 const HEARTBEAT: Duration = Duration::from_secs(15);
 /// Longest one look at the store may take.
 const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a status stream checks that its user still exists: a deletion ends it
+/// within this (a failed or pending status would otherwise be followed forever).
+const USER_CHECK: Duration = Duration::from_secs(1);
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/users/{uuid}", web::get().to(detail))
         .route("/users/{uuid}/status", web::get().to(status_stream));
-    // Once the lifecycle routes land (PATCH and DELETE /api/users/{uuid}, with ETag and
-    // If-Match), register here, each behind `Role::UsersWrite` and the CSRF check:
-    //   GET  /users/{uuid}/edit    the form, prefilled, with the user's ETag hidden in it;
-    //   POST /users/{uuid}/edit    the update through the users facade; 400/409 beside the
-    //                              fields as in `users::create`, 412 as "changed meanwhile";
-    //   POST /users/{uuid}/delete  after the confirmation on this page; then to the list.
 }
 
 /// The enrichment block of a user's page, as the API's combined view describes it.
 pub(super) struct StatusView {
-    /// `pending`, `completed` or `failed`.
+    /// `pending`, `completed`, `failed`, `unavailable`, or `deleted` (the user is gone).
     pub state: &'static str,
     pub linkedin: Option<String>,
     pub github: Option<String>,
@@ -74,18 +69,28 @@ impl StatusView {
             },
             linkedin: view.linkedin,
             github: view.github,
-            enriched_at: view
-                .enriched_at
-                .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+            enriched_at: view.enriched_at.map(format_time),
             detail: view.detail,
             error: error.filter(|_| view.status == EnrichmentState::Failed),
+        }
+    }
+
+    /// What a status stream sends when the user has been deleted.
+    fn deleted() -> Self {
+        Self {
+            state: "deleted",
+            linkedin: None,
+            github: None,
+            enriched_at: None,
+            detail: None,
+            error: None,
         }
     }
 
     /// Nothing more will happen. A failed enrichment is not final: an admin may replay
     /// its dead letter, and the page shows it turn `completed`.
     pub fn is_final(&self) -> bool {
-        self.state == "completed"
+        self.state == "completed" || self.state == "deleted"
     }
 }
 
@@ -110,16 +115,33 @@ struct UserPage {
     user: UserFacts,
     status: StatusView,
     created: bool,
+    updated: bool,
 }
 
 #[derive(Deserialize)]
 struct DetailQuery {
     created: Option<String>,
+    updated: Option<String>,
 }
 
-fn parse_uuid(raw: &str) -> Result<Uuid, ConsoleError> {
+pub(super) fn parse_uuid(raw: &str) -> Result<Uuid, ConsoleError> {
     Uuid::parse_str(raw)
         .map_err(|_| ConsoleError::NotFound("There is no user at this address.".into()))
+}
+
+/// The console's 404 for a user that does not exist (or no longer does).
+pub(super) fn no_such_user(uuid: Uuid) -> ConsoleError {
+    ConsoleError::NotFound(format!("There is no user {uuid}."))
+}
+
+/// The user, or the console's 404 page.
+pub(super) async fn find_user(users: &Users, uuid: Uuid) -> Result<User, ConsoleError> {
+    users.find(uuid).await?.ok_or_else(|| no_such_user(uuid))
+}
+
+/// How the console shows an instant.
+pub(super) fn format_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
 fn store_unavailable(error: StoreError) -> ConsoleError {
@@ -136,23 +158,23 @@ async fn detail(
 ) -> Result<HttpResponse, ConsoleError> {
     viewer.require(Role::UsersRead)?;
     let uuid = parse_uuid(&path)?;
-    let (user, profile) = tokio::join!(users.find(uuid), enrichment.profile(uuid));
-    let user = user?.ok_or_else(|| ConsoleError::NotFound(format!("There is no user {uuid}.")))?;
+    let (user, profile) = tokio::join!(find_user(&users, uuid), enrichment.profile(uuid));
+    let user = user?;
     let status = StatusView::new(profile.map_err(store_unavailable)?, viewer.has(Role::Admin));
-    let format = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%M:%S UTC").to_string();
     Ok(render(
         StatusCode::OK,
         &UserPage {
             layout: Layout::new(user.name.clone(), "users", Some(viewer.signed())),
             user: UserFacts {
                 uuid: user.uuid.to_string(),
-                created: format(user.created_at),
-                updated: format(user.updated_at),
+                created: format_time(user.created_at),
+                updated: format_time(user.updated_at),
                 name: user.name,
                 email: user.email,
             },
             status,
             created: query.created.is_some(),
+            updated: query.updated.is_some(),
         },
     ))
 }
@@ -160,19 +182,21 @@ async fn detail(
 /// A status stream's state between two events.
 struct Watch {
     enrichment: web::Data<Enrichment>,
+    users: web::Data<Users>,
     uuid: Uuid,
     show_error: bool,
     shutdown: CancellationToken,
     started: Instant,
     last_sent: Instant,
+    last_user_check: Instant,
     /// The state last sent (`None` before the first event).
     last_state: Option<&'static str>,
     done: bool,
 }
 
 impl Watch {
-    /// The next chunk of the stream: a status event when the status changed, a
-    /// heartbeat now and then; `None` when the stream is over.
+    /// The next chunk of the stream: a status event when the status changed (or the
+    /// user was deleted), a heartbeat now and then; `None` when the stream is over.
     async fn next_chunk(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         loop {
             if self.done || self.started.elapsed() > STREAM_LIFETIME {
@@ -182,6 +206,17 @@ impl Watch {
                 tokio::select! {
                     () = tokio::time::sleep(POLL) => {}
                     () = self.shutdown.cancelled() => return None,
+                }
+            }
+            if self.last_user_check.elapsed() >= USER_CHECK {
+                self.last_user_check = Instant::now();
+                let found = tokio::time::timeout(LOOK_TIMEOUT, self.users.find(self.uuid)).await;
+                // Only a definite "no such user" ends the stream; a slow or failing look
+                // is tried again at the next check.
+                if let Ok(Ok(None)) = found {
+                    self.done = true;
+                    let first = self.last_state.is_none();
+                    return Some((Ok(status_event(&StatusView::deleted(), first)), self));
                 }
             }
             let looked =
@@ -222,18 +257,24 @@ fn status_event(status: &StatusView, first: bool) -> Bytes {
 async fn status_stream(
     viewer: Viewer,
     console: web::Data<Console>,
+    users: web::Data<Users>,
     enrichment: web::Data<Enrichment>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ConsoleError> {
     viewer.require(Role::UsersRead)?;
     let uuid = parse_uuid(&path)?;
+    // A deleted user has no stream: a 404 closes the browser's `EventSource` for good
+    // (it would reconnect after a stream that merely ended).
+    find_user(&users, uuid).await?;
     let watch = Watch {
         enrichment,
+        users,
         uuid,
         show_error: viewer.has(Role::Admin),
         shutdown: console.inner.shutdown.clone(),
         started: Instant::now(),
         last_sent: Instant::now(),
+        last_user_check: Instant::now(),
         last_state: None,
         done: false,
     };

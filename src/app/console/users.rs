@@ -2,14 +2,14 @@
 //! whose field errors are the API's own (`ApiError::problem().errors`).
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::pages::{ConsoleError, Layout, render};
-use super::see_other;
-use super::session::Viewer;
+use super::session::{Viewer, flash_removal};
+use super::{Console, see_other};
 use crate::users::{CreateUserRequest, Created, ListQuery, NewUser, User, Users};
 use crate::web::identity::Role;
 use crate::web::problem::{ApiError, FieldErrors};
@@ -62,6 +62,8 @@ struct ListPage {
     /// Anywhere but the first page (so an empty page is "no more", not "none").
     paged: bool,
     can_write: bool,
+    /// After a deletion: whom it erased.
+    notice: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -74,10 +76,14 @@ struct ListParams {
     limit: Option<String>,
     /// Position of this page's first row, for "Showing 26–50"; carried in the links.
     start: Option<usize>,
+    /// Set by the redirect after a deletion (the name is in the flash cookie).
+    deleted: Option<String>,
 }
 
 async fn list(
+    req: HttpRequest,
     viewer: Viewer,
+    console: web::Data<Console>,
     users: web::Data<Users>,
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ConsoleError> {
@@ -153,7 +159,13 @@ async fn list(
     } else {
         format!("Users matching “{q}”")
     };
-    Ok(render(
+    let flash = console.sessions().flash_of(&req);
+    let notice = params.deleted.as_ref().map(|_| {
+        flash
+            .clone()
+            .unwrap_or_else(|| "The user was deleted.".into())
+    });
+    let mut response = render(
         StatusCode::OK,
         &ListPage {
             layout: Layout::new(title, "users", Some(signed.clone())),
@@ -164,9 +176,15 @@ async fn list(
             older,
             paged: after.is_some() || before.is_some(),
             can_write: signed.can_write,
+            notice,
             q,
         },
-    ))
+    );
+    if flash.is_some() {
+        // Shown once: a reload does not say it again.
+        let _ = response.add_cookie(&flash_removal());
+    }
+    Ok(response)
 }
 
 #[derive(Template)]
