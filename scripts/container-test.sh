@@ -61,7 +61,7 @@ cleanup() {
             say "last log lines of $c:"
             docker logs --tail 15 "$c" 2>&1 | sed 's/^/    /' >&2
         fi
-        docker rm -f "$c" >/dev/null 2>&1
+        docker rm -f -v "$c" >/dev/null 2>&1 # -v: its anonymous /data volume too
     done
     for v in "${volumes[@]}"; do
         docker volume rm -f "$v" >/dev/null 2>&1
