@@ -65,11 +65,12 @@ fi
 # What each image is made of; a change rebuilds it.
 recipe="$(
     {
-        sha256sum "$root/scripts/base-images.sh"
+        # Contents only, never paths: a clone elsewhere must find the same recipe.
+        sha256sum <"$root/scripts/base-images.sh"
         echo "$suite $packages"
         "$sysroot/bin/rustc" -vV
         "$sysroot/bin/cargo" -V
-        sha256sum "$host_ca" 2>/dev/null || echo "no host CA bundle"
+        sha256sum <"$host_ca" 2>/dev/null || echo "no host CA bundle"
     } | sha256sum | cut -c1-16
 )"
 
