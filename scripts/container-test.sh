@@ -222,9 +222,9 @@ build_log=target/container-test/docker-build.log
 build_started=$SECONDS
 # The builder stage gets a tag of its own, so that its layers (the dependency cache) are
 # never dangling; older copies are pruned below.
-if ! DOCKER_BUILDKIT=0 docker build --network host "${build_args[@]}" \
+if ! DOCKER_BUILDKIT=0 docker build --force-rm --network host "${build_args[@]}" \
     --target builder -t userhub-local/userhub-builder:cache . >"$build_log" 2>&1 ||
-    ! DOCKER_BUILDKIT=0 docker build --network host "${build_args[@]}" -t "$image" . >>"$build_log" 2>&1; then
+    ! DOCKER_BUILDKIT=0 docker build --force-rm --network host "${build_args[@]}" -t "$image" . >>"$build_log" 2>&1; then
     tail -n 40 "$build_log" >&2
     fail "docker build failed (log in $build_log)"
 fi
