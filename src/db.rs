@@ -40,6 +40,24 @@ impl Database {
         }
     }
 
+    /// Prepares the pool of `url` without connecting: connections are opened on first
+    /// use, so a database that is down does not stop a process that may not need it.
+    pub fn connect_lazy(url: &str, settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = postgres_options(url, settings)?;
+            Ok(Self::Postgres(
+                postgres_pool(settings).connect_lazy_with(options),
+            ))
+        } else if url.starts_with("sqlite:") {
+            let options = sqlite_options(url)?;
+            Ok(Self::Sqlite(
+                sqlite_pool(settings).connect_lazy_with(options),
+            ))
+        } else {
+            anyhow::bail!("unsupported database URL scheme (expected sqlite:// or postgres://)")
+        }
+    }
+
     /// Applies the embedded migrations for this database's dialect.
     pub async fn migrate(&self) -> Result<(), MigrateError> {
         match self {
@@ -234,36 +252,76 @@ impl Decode<'_, Postgres> for DbUuid {
 /// Opens a PostgreSQL pool. Every statement is bounded by `statement_timeout_ms`, so a
 /// stuck query cannot hold a request or a worker forever.
 pub async fn connect_postgres(url: &str, settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)?.options([(
+    Ok(postgres_pool(settings)
+        .connect_with(postgres_options(url, settings)?)
+        .await?)
+}
+
+fn postgres_options(url: &str, settings: &DatabaseSettings) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)?.options([(
         "statement_timeout",
         settings.statement_timeout_ms.to_string(),
-    )]);
-    Ok(PgPoolOptions::new()
+    )]))
+}
+
+fn postgres_pool(settings: &DatabaseSettings) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout())
-        .connect_with(options)
-        .await?)
 }
 
 /// Opens a SQLite pool, creating the file and its folder if needed. WAL lets readers
 /// run beside the single writer; the busy timeout makes writers queue instead of
-/// failing with "database is locked".
+/// failing with "database is locked". `synchronous = FULL`: a commit is on disk (the
+/// WAL synced) before it returns, so a 201 survives a power cut, as the README
+/// promises.
 pub async fn connect_sqlite(url: &str, settings: &DatabaseSettings) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::from_str(url)?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5))
-        .foreign_keys(true);
+    let options = sqlite_options(url)?;
     let folder = options.get_filename().parent();
     if let Some(folder) = folder.filter(|f| !f.as_os_str().is_empty()) {
         std::fs::create_dir_all(folder)?;
     }
-    Ok(SqlitePoolOptions::new()
+    Ok(sqlite_pool(settings).connect_with(options).await?)
+}
+
+fn sqlite_options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true))
+}
+
+fn sqlite_pool(settings: &DatabaseSettings) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout())
-        .connect_with(options)
-        .await?)
+}
+
+/// Holds the SQLite database `url` for this process alone: an exclusive lock on a
+/// file beside it, kept while the returned file is open. Another process serving the
+/// same file (a second replica on one volume) is refused instead of sharing a
+/// database that only one process can use safely.
+pub fn lock_sqlite(url: &str) -> anyhow::Result<std::fs::File> {
+    let options = SqliteConnectOptions::from_str(url)?;
+    let mut path = options.get_filename().as_os_str().to_owned();
+    path.push(".userhub-lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another userhub process serves the SQLite database {} (lock {}): SQLite is for \
+             one process; use postgres:// for several",
+            options.get_filename().display(),
+            std::path::Path::new(&path).display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => Err(error.into()),
+    }
 }
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds, for SQL written once

@@ -95,6 +95,25 @@ pub struct DeliveryPolicy {
     pub handler_timeout: std::time::Duration,
     /// Longest an idle consumer sleeps before looking for due messages again.
     pub poll_interval: std::time::Duration,
+    /// Messages one consumer handles at once (at least 1).
+    pub concurrency: usize,
+    /// Deliveries of one message the broker allows (its own redeliveries included,
+    /// e.g. after a consumer crashed holding it) before it dead-letters it itself.
+    pub delivery_limit: u32,
+    /// How long a dead letter is kept before it is dropped.
+    pub dead_letter_ttl: std::time::Duration,
+}
+
+/// Which dead letters a bulk replay takes: all of them, or those of one queue, or
+/// those whose error contains a text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplayFilter {
+    /// Only the dead letters of this queue (e.g. `enrichment.users`).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Only those whose error contains this text (case-sensitive).
+    #[serde(default)]
+    pub error_contains: Option<String>,
 }
 
 /// What became of one delivery.
@@ -109,6 +128,12 @@ pub enum Outcome {
     DeadLettered {
         attempt: u32,
     },
+    /// Put back without counting an attempt: the handler's dependency is down (see
+    /// [`HandlerError::Unavailable`]).
+    Requeued,
+    /// Nothing recorded: this delivery's lease ran out and another consumer holds the
+    /// message now (in-process bus).
+    LeaseLost,
 }
 
 /// A message given up on, as an operator sees it.
@@ -139,6 +164,11 @@ pub enum HandlerError {
     /// Retrying cannot help (unparseable payload, unknown version): dead-letter now.
     #[error("{0}")]
     Permanent(String),
+    /// A dependency is known to be down (its circuit breaker is open): not the
+    /// message's fault. It goes back to the queue without counting an attempt, and the
+    /// consumer pauses (see [`EventHandler::pause`]).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A consumer of one queue.
@@ -149,6 +179,14 @@ pub trait EventHandler: Send + Sync {
     /// Called once when a message is given up on, so the module can record the
     /// failure where its readers will see it. Best effort: it must not fail.
     async fn on_dead_letter(&self, _envelope: &Envelope, _error: &str) {}
+
+    /// Whether the handler can take work now. `Some(wait)`: a dependency is down, so
+    /// the consumer takes no message (on a broker it stops consuming, and what it
+    /// held goes back) and asks again after `wait`. Asking may itself probe the
+    /// dependency (a circuit breaker's trial). Default: always ready.
+    async fn pause(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The bus as the rest of the application sees it. `memory://` is [`InProcessBus`].
@@ -192,6 +230,10 @@ pub trait EventBus: Send + Sync {
     /// Puts the dead letter `id` back on its queue with a fresh attempt count.
     /// `Ok(false)` when there is no such dead letter (or it was replayed already).
     async fn replay(&self, id: &str) -> Result<bool, BusError>;
+
+    /// Puts every dead letter `filter` selects back on its queue, in one pass (O(n)).
+    /// Returns how many.
+    async fn replay_all(&self, filter: &ReplayFilter) -> Result<u64, BusError>;
 }
 
 /// How many messages one queue holds, for metrics.

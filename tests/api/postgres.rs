@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
-use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandler};
+use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandler, ReplayFilter};
 use userhub::config::Settings;
 use userhub::db::Database;
 use userhub::outbox::{OutboxRelay, OutboxSignal};
@@ -51,6 +51,10 @@ impl EventBus for RecordingBus {
 
     async fn replay(&self, _: &str) -> Result<bool, BusError> {
         Ok(false)
+    }
+
+    async fn replay_all(&self, _: &ReplayFilter) -> Result<u64, BusError> {
+        Ok(0)
     }
 }
 

@@ -31,6 +31,9 @@ fn policy() -> DeliveryPolicy {
         backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(200)),
         handler_timeout: Duration::from_secs(2),
         poll_interval: Duration::from_millis(50),
+        concurrency: 4,
+        delivery_limit: 20,
+        dead_letter_ttl: Duration::from_secs(3600),
     }
 }
 

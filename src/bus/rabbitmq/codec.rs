@@ -20,10 +20,14 @@ pub(super) mod transport {
     /// The envelope's `occurred_at` with milliseconds (the AMQP timestamp has seconds).
     pub const OCCURRED_AT: &str = "x-occurred-at";
     pub const DEAD_AT: &str = "x-dead-at";
+    /// Set by a quorum queue on a redelivery: how many times it delivered the message
+    /// before without a settlement.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// Set by the broker when it dead-letters a message itself.
     pub const FIRST_DEATH_REASON: &str = "x-first-death-reason";
     /// Broker bookkeeping that must not travel with a republished copy.
-    pub const BROKER_DEATH: [&str; 7] = [
+    pub const BROKER_DEATH: [&str; 8] = [
+        "x-delivery-count",
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -195,7 +199,12 @@ impl Incoming {
         };
         Self {
             envelope,
-            attempt: header_u32(table, transport::ATTEMPTS).unwrap_or(1).max(1),
+            // Ours count the retries; the broker's count its redeliveries (a consumer
+            // that died holding the message): both were tries.
+            attempt: header_u32(table, transport::ATTEMPTS)
+                .unwrap_or(1)
+                .max(1)
+                .saturating_add(header_u32(table, transport::DELIVERY_COUNT).unwrap_or(0)),
             problem: (!problems.is_empty()).then(|| problems.join("; ")),
         }
     }

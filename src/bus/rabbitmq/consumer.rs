@@ -1,13 +1,16 @@
-//! Consuming: one consumer per work queue, resumed on every new link; each delivery is
-//! handled and settled (ack, a retry copy, or a dead-letter copy), every copy confirmed
-//! before the original is acknowledged.
+//! Consuming: one consumer per work queue, resumed on every new link; up to
+//! `worker.concurrency` deliveries handled at once, each settled (ack, a retry copy, or
+//! a dead-letter copy, every copy confirmed before the original is acknowledged). While
+//! the handler says a dependency is down, the consumer stops consuming and what it held
+//! goes back to the queue.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -19,6 +22,16 @@ use super::link::{Link, ack, close_channel, io, unavailable};
 use super::topology::QueueTopology;
 use super::{MAX_ERROR_BYTES, PREFETCH, RabbitBus, millis, reconnect_backoff};
 use crate::bus::{Binding, BusError, EventHandler, HandlerError, Outcome, headers};
+
+/// The shortest wait of a paused consumer before it asks its handler again.
+const PAUSE_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Why a consumer stopped without an error.
+enum Stopped {
+    Shutdown,
+    /// The handler's dependency is down: resume after about this long.
+    Paused(std::time::Duration),
+}
 
 impl RabbitBus {
     /// Delivers messages of `binding` to `handler` until `shutdown` or the bus stops,
@@ -55,11 +68,30 @@ impl RabbitBus {
             if link.generation != failed_generation {
                 failures = 0; // a new connection gets a fresh start
             }
+            if let Some(wait) = handler.pause().await {
+                tracing::warn!(
+                    queue = binding.queue,
+                    "consumer paused: a dependency of the handler is down"
+                );
+                self.wait_until_ready(handler.as_ref(), wait, &shutdown)
+                    .await;
+                continue;
+            }
             match self
                 .consume_on(&link, queue, handler.as_ref(), &shutdown, &mut failures)
                 .await
             {
-                Ok(()) => break,
+                Ok(Stopped::Shutdown) => break,
+                Ok(Stopped::Paused(wait)) => {
+                    tracing::warn!(
+                        queue = binding.queue,
+                        "consumer paused: a dependency of the handler is down"
+                    );
+                    self.wait_until_ready(handler.as_ref(), wait, &shutdown)
+                        .await;
+                    tracing::info!(queue = binding.queue, "consumer resumed");
+                    continue;
+                }
                 Err(error) => {
                     failed_generation = link.generation;
                     failures = failures.saturating_add(1);
@@ -75,8 +107,30 @@ impl RabbitBus {
         tracing::info!(queue = binding.queue, "consumer stopped");
     }
 
-    /// Delivers messages of one work queue until `shutdown` or the bus stops.
-    /// Returns `Ok(())` on shutdown, an error when the channel or the link broke.
+    /// Waits, asking the handler again now and then, until it can take work.
+    async fn wait_until_ready(
+        &self,
+        handler: &dyn EventHandler,
+        mut wait: std::time::Duration,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.shared.stop.cancelled() => return,
+                () = tokio::time::sleep(wait.max(PAUSE_RECHECK)) => {}
+            }
+            match handler.pause().await {
+                Some(again) => wait = again,
+                None => return,
+            }
+        }
+    }
+
+    /// Delivers messages of one work queue, up to `concurrency` at once, until
+    /// `shutdown`, the bus stops, or the handler asks for a pause. An error when the
+    /// channel or the link broke. Whatever way it ends, the channel is closed, which
+    /// hands the prefetched, unacknowledged messages back to the queue.
     async fn consume_on(
         &self,
         link: &Link,
@@ -84,7 +138,8 @@ impl RabbitBus {
         handler: &dyn EventHandler,
         shutdown: &CancellationToken,
         failures: &mut u32,
-    ) -> Result<(), BusError> {
+    ) -> Result<Stopped, BusError> {
+        let concurrency = self.shared.policy.concurrency.max(1);
         let channel = io("opening a channel", link.connection.create_channel()).await?;
         let result = async {
             // Declaring again is cheap and recreates a queue deleted under a live link.
@@ -93,9 +148,10 @@ impl RabbitBus {
                 self.shared.topology.declare_queue(&channel, queue),
             )
             .await?;
+            let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX).max(PREFETCH);
             io(
                 "setting the prefetch",
-                channel.basic_qos(PREFETCH, BasicQosOptions::default()),
+                channel.basic_qos(prefetch, BasicQosOptions::default()),
             )
             .await?;
             let mut consumer = io(
@@ -108,23 +164,32 @@ impl RabbitBus {
                 ),
             )
             .await?;
-            tracing::info!(queue = %queue.work, "consuming");
+            tracing::info!(queue = %queue.work, concurrency, "consuming");
+            let mut in_flight = FuturesUnordered::new();
             loop {
-                let next = tokio::select! {
+                tokio::select! {
                     biased;
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = self.shared.stop.cancelled() => return Ok(()),
-                    next = consumer.next() => next,
-                };
-                match next {
-                    Some(Ok(delivery)) => {
-                        self.process(link, queue, handler, delivery).await?;
+                    () = shutdown.cancelled() => break Ok(Stopped::Shutdown),
+                    () = self.shared.stop.cancelled() => break Ok(Stopped::Shutdown),
+                    Some(settled) = in_flight.next(), if !in_flight.is_empty() => {
+                        // A message sent back because a dependency is down: stop
+                        // taking more until it is back.
+                        if let Outcome::Requeued = settled?
+                            && let Some(wait) = handler.pause().await
+                        {
+                            break Ok(Stopped::Paused(wait));
+                        }
                         // Only a settled message proves the broker is healthy again: a
                         // message that cannot be settled must not come back in a tight loop.
                         *failures = 0;
                     }
-                    Some(Err(error)) => return Err(unavailable(error)),
-                    None => return Err(unavailable("the broker cancelled the consumer")),
+                    next = consumer.next(), if in_flight.len() < concurrency => match next {
+                        Some(Ok(delivery)) => {
+                            in_flight.push(self.process(link, queue, handler, delivery));
+                        }
+                        Some(Err(error)) => break Err(unavailable(error)),
+                        None => break Err(unavailable("the broker cancelled the consumer")),
+                    },
                 }
             }
         }
@@ -195,6 +260,19 @@ impl RabbitBus {
                 }),
         };
         let error = match result {
+            Err(HandlerError::Unavailable(error)) => {
+                // Not the message's fault: back to the queue, for when it is up again.
+                io(
+                    "requeueing the message",
+                    delivery.nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    }),
+                )
+                .await?;
+                tracing::info!(%error, "a dependency is down; message put back");
+                return Ok(Outcome::Requeued);
+            }
             Ok(()) => {
                 ack(delivery).await?;
                 tracing::debug!("message acknowledged");

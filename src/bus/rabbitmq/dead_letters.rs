@@ -17,7 +17,7 @@ use super::codec::{
 use super::link::{Link, ack, close_channel, io};
 use super::topology::QueueTopology;
 use super::{PERSISTENT, RabbitBus};
-use crate::bus::{BusError, DeadLetter, QueueCounts, headers};
+use crate::bus::{BusError, DeadLetter, QueueCounts, ReplayFilter, headers};
 
 impl RabbitBus {
     /// Dead letters of every DLQ, oldest first, at most `limit`, after the one `after`.
@@ -71,6 +71,33 @@ impl RabbitBus {
         result
     }
 
+    /// Replays every dead letter `filter` selects, in one walk over the DLQs (O(n));
+    /// the others go back where they were when the walk ends.
+    pub(super) async fn replay_dead_letters(&self, filter: &ReplayFilter) -> Result<u64, BusError> {
+        let mut scan = self.scan_dead_letters().await?;
+        let result = async {
+            let mut replayed = 0;
+            while let Some((queue, delivery)) = scan.next().await? {
+                let letter = dead_letter(queue, &delivery);
+                let selected = filter.queue.as_deref().is_none_or(|q| q == letter.queue)
+                    && filter
+                        .error_contains
+                        .as_deref()
+                        .is_none_or(|text| letter.error.contains(text));
+                if selected {
+                    self.replay_one(&scan.link, queue, &delivery, &letter)
+                        .await?;
+                    replayed += 1;
+                }
+            }
+            Ok(replayed)
+        }
+        .await;
+        scan.finish().await;
+        tracing::info!(?filter, replayed = ?result.as_ref().ok(), "dead letters replayed");
+        result
+    }
+
     /// Drops the dead letters of `subject` from `queue`'s DLQ (see
     /// `headers::ERASES_SUBJECT`); the others go back where they were.
     pub(super) async fn purge_dead_letters_of(
@@ -79,6 +106,7 @@ impl RabbitBus {
         queue: &QueueTopology,
         subject: &str,
     ) -> Result<u64, BusError> {
+        let _turn = self.dlq_scans.lock().await;
         let channel = io("opening a channel", link.connection.create_channel()).await?;
         let result = async {
             let mut dropped = 0;

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Binding, BusError, DeadLetter, DeliveryPolicy, Envelope, EventBus, EventHandler, QueueCounts,
+    ReplayFilter,
 };
 use crate::resilience::Backoff;
 use codec::envelope_properties;
@@ -72,6 +73,10 @@ fn millis(d: Duration) -> u64 {
 pub struct RabbitBus {
     shared: Arc<Shared>,
     connection_task: Mutex<Option<JoinHandle<()>>>,
+    /// Walks over the DLQs (listing, replaying, purging) run one at a time in this
+    /// process: each holds the messages it has read until it ends, and two at once
+    /// would hide them from each other.
+    dlq_scans: tokio::sync::Mutex<()>,
 }
 
 impl RabbitBus {
@@ -100,6 +105,7 @@ impl RabbitBus {
         Ok(Self {
             shared,
             connection_task: Mutex::new(Some(connection_task)),
+            dlq_scans: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -188,7 +194,10 @@ impl EventBus for RabbitBus {
                 routing_key,
                 envelope.payload.as_bytes(),
                 envelope_properties(envelope)?,
-                false,
+                // A message no queue is bound to take comes back and fails the publish,
+                // so the outbox keeps it, instead of the broker confirming and dropping
+                // it.
+                true,
             )
             .await
     }
@@ -224,5 +233,9 @@ impl EventBus for RabbitBus {
 
     async fn replay(&self, id: &str) -> Result<bool, BusError> {
         self.replay_dead_letter(id).await
+    }
+
+    async fn replay_all(&self, filter: &ReplayFilter) -> Result<u64, BusError> {
+        self.replay_dead_letters(filter).await
     }
 }

@@ -29,6 +29,10 @@ pub(super) struct Topology {
     pub(super) exchange: ShortString,
     pub(super) dlx: ShortString,
     pub(super) queues: Vec<QueueTopology>,
+    /// `x-delivery-limit` of the work queues (see [`DeliveryPolicy::delivery_limit`]).
+    delivery_limit: u32,
+    /// `x-message-ttl` of the DLQs (see [`DeliveryPolicy::dead_letter_ttl`]).
+    dead_letter_ttl: u64,
 }
 
 pub(super) fn name(text: String) -> anyhow::Result<ShortString> {
@@ -67,6 +71,8 @@ impl Topology {
             exchange: name(format!("{prefix}userhub.events"))?,
             dlx: name(format!("{prefix}userhub.dlx"))?,
             queues,
+            delivery_limit: policy.delivery_limit.max(1),
+            dead_letter_ttl: millis(policy.dead_letter_ttl).max(1),
         })
     }
 
@@ -129,6 +135,19 @@ impl Topology {
             "x-dead-letter-routing-key".into(),
             string_value(queue.work.as_str()),
         );
+        // A message that keeps coming back without being settled (it crashes the
+        // consumer, say) is dead-lettered by the broker after this many deliveries,
+        // instead of looping forever. At-least-once dead-lettering: the broker keeps
+        // the message until the DLQ has confirmed it, which requires `reject-publish`.
+        work_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        work_args.insert(
+            "x-dead-letter-strategy".into(),
+            string_value("at-least-once"),
+        );
+        work_args.insert("x-overflow".into(), string_value("reject-publish"));
         channel
             .queue_declare(queue.work.clone(), durable, work_args)
             .await?;
@@ -162,6 +181,12 @@ impl Topology {
         }
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), string_value("classic"));
+        // Dead letters hold personal data: they are kept as long as the retention says,
+        // like the database bus's, then dropped.
+        dlq_args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.dead_letter_ttl).unwrap_or(i64::MAX)),
+        );
         channel
             .queue_declare(queue.dlq.clone(), durable, dlq_args)
             .await?;
@@ -191,6 +216,9 @@ mod tests {
             backoff: Backoff::new(Duration::from_millis(1000), Duration::from_millis(5000)),
             handler_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_secs(1),
+            concurrency: 1,
+            delivery_limit: 20,
+            dead_letter_ttl: Duration::from_secs(3600),
         }
     }
 
