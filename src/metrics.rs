@@ -81,7 +81,7 @@ impl Metrics {
             deliveries: IntCounterVec::new(
                 Opts::new(
                     "deliveries_total",
-                    "Event deliveries by queue and outcome (ok, transient, permanent, dead_lettered)",
+                    "Event deliveries by queue and outcome (ok, transient, permanent, unavailable, dead_lettered)",
                 ),
                 &["queue", "outcome"],
             )?,
@@ -214,14 +214,30 @@ impl Metrics {
     /// Declares the delivery series of `queue` at zero, so dashboards and alerts see
     /// them before the first message (a series that does not exist reads as no data).
     pub fn declare_queue(&self, queue: &str) {
-        for outcome in ["ok", "transient", "permanent", "dead_lettered"] {
+        for outcome in [
+            "ok",
+            "transient",
+            "unavailable",
+            "permanent",
+            "dead_lettered",
+        ] {
             self.deliveries.with_label_values(&[queue, outcome]);
         }
         self.dead_letters.with_label_values(&[queue]);
         self.queue_messages.with_label_values(&[queue]);
     }
 
+    /// `method` is whatever the client sent: any but the standard ones count as
+    /// `other`, so a client cannot grow the series without bound.
     pub fn observe_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        const STANDARD: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+        ];
+        let method = if STANDARD.contains(&method) {
+            method
+        } else {
+            "other"
+        };
         self.http_requests
             .with_label_values(&[method, route, &status.to_string()])
             .inc();
@@ -293,6 +309,7 @@ impl EventHandler for MeteredHandler {
             Ok(()) => "ok",
             Err(HandlerError::Transient(_)) => "transient",
             Err(HandlerError::Permanent(_)) => "permanent",
+            Err(HandlerError::Unavailable(_)) => "unavailable",
         };
         self.metrics
             .delivery_duration
@@ -311,6 +328,10 @@ impl EventHandler for MeteredHandler {
             .with_label_values(&[self.queue, "dead_lettered"])
             .inc();
         self.inner.on_dead_letter(envelope, error).await;
+    }
+
+    async fn pause(&self) -> Option<std::time::Duration> {
+        self.inner.pause().await
     }
 }
 
@@ -362,5 +383,32 @@ impl Cache for MeteredCache {
 
     async fn ping(&self) -> Result<(), String> {
         self.inner.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_a_client_invents_share_one_series() {
+        let metrics = Metrics::new().unwrap();
+        for method in ["GET", "BREW", "WHEN", "PROPFIND"] {
+            metrics.observe_request(method, "/users", 405, 0.001);
+        }
+        let text = metrics.render().unwrap();
+        let series = |method: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("userhub_http_requests_total{"))
+                .filter(|l| l.contains(&format!("method=\"{method}\"")))
+                .count()
+        };
+        assert_eq!(series("GET"), 1);
+        assert_eq!(series("other"), 1);
+        assert!(
+            text.contains("method=\"other\",route=\"/users\",status=\"405\"} 3"),
+            "{text}"
+        );
+        assert_eq!(series("BREW"), 0);
     }
 }

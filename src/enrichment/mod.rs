@@ -3,6 +3,7 @@
 //! contract.
 
 mod domain;
+mod guarded;
 mod mongo_store;
 pub(crate) mod routes;
 mod store;
@@ -21,6 +22,8 @@ pub use worker::UserEventsHandler;
 use crate::bus::{Binding, EventHandler};
 use crate::cache::{self, Cache, Cached};
 use crate::events::{USER_CREATED, USER_DELETED, USER_UPDATED};
+use crate::resilience::{BreakerPolicy, CircuitBreaker};
+use guarded::GuardedStore;
 
 /// The module's queue: every user event, so one user's events wait in one line.
 pub const BINDING: Binding = Binding {
@@ -31,7 +34,7 @@ pub const BINDING: Binding = Binding {
 /// The module's public facade.
 #[derive(Clone)]
 pub struct Enrichment {
-    store: Arc<dyn ProfileStore>,
+    store: Arc<GuardedStore>,
     cache: Arc<dyn Cache>,
 }
 
@@ -41,8 +44,22 @@ fn cache_key(uuid: Uuid) -> String {
 }
 
 impl Enrichment {
-    pub fn new(store: Arc<dyn ProfileStore>, cache: Arc<dyn Cache>) -> Self {
-        Self { store, cache }
+    /// `breaker` guards every call to `store`, the consumer's and the readers'.
+    pub fn new(
+        store: Arc<dyn ProfileStore>,
+        cache: Arc<dyn Cache>,
+        breaker: BreakerPolicy,
+    ) -> Self {
+        let breaker = Arc::new(CircuitBreaker::new("profile_store", breaker));
+        Self {
+            store: Arc::new(GuardedStore::new(store, breaker)),
+            cache,
+        }
+    }
+
+    /// The profile store's circuit breaker, for metrics to watch.
+    pub fn breaker(&self) -> Arc<CircuitBreaker> {
+        self.store.breaker()
     }
 
     /// The consumer to attach to [`BINDING`].

@@ -8,9 +8,10 @@ use anyhow::Context;
 use async_trait::async_trait;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, CollectionOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::Deserialize;
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use super::domain::{EnrichedProfile, EnrichmentStatus, Write};
@@ -31,11 +32,16 @@ const DUPLICATE_KEY: i32 = 11000;
 pub struct MongoProfileStore {
     database: Database,
     profiles: Collection<ProfileDocument>,
+    /// Set once the unique index on `uuid` is known to exist.
+    indexed: OnceCell<()>,
 }
 
 impl MongoProfileStore {
-    /// Connects to `url` (database from its path, `userhub` when it has none) and makes
-    /// sure the unique index on `uuid` exists. Fails within seconds when no server answers.
+    /// Sets up a client for `url` (database from its path, `userhub` when it has
+    /// none) without waiting for the server: a process that only reads profiles, or
+    /// none at all, starts while MongoDB is down. The unique index on `uuid` is made
+    /// sure of before the first write ([`ProfileStore::prepare`]). Writes are
+    /// acknowledged by a majority of the replica set.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let url = url.to_owned();
         let mut options = bounded("parse the MongoDB URL", async move {
@@ -50,22 +56,40 @@ impl MongoProfileStore {
         let database_name = database_name(&options);
         let client = Client::with_options(options).context("cannot set up the MongoDB client")?;
         let database = client.database(&database_name);
-        let profiles = database.collection::<ProfileDocument>(COLLECTION);
-
-        // The default name (`uuid_1`) on purpose: creating an index whose keys and
-        // options match an existing one is a no-op, so a restart, or a collection an
-        // operator indexed by hand, is fine.
-        let index = IndexModel::builder()
-            .keys(doc! { "uuid": 1 })
-            .options(IndexOptions::builder().unique(true).build())
-            .build();
-        let collection = profiles.clone();
-        bounded("create the unique index on uuid", async move {
-            collection.create_index(index).await
+        let profiles = database.collection_with_options::<ProfileDocument>(
+            COLLECTION,
+            CollectionOptions::builder()
+                .write_concern(WriteConcern::majority())
+                .build(),
+        );
+        Ok(Self {
+            database,
+            profiles,
+            indexed: OnceCell::new(),
         })
-        .await
-        .with_context(|| format!("cannot prepare {database_name}.{COLLECTION}"))?;
-        Ok(Self { database, profiles })
+    }
+
+    /// Creates the unique index on `uuid` once per process (retried until it works).
+    /// Every write relies on it: two concurrent first writes of a user must not insert
+    /// two documents.
+    async fn ensure_index(&self) -> Result<(), StoreError> {
+        self.indexed
+            .get_or_try_init(|| async {
+                // The default name (`uuid_1`) on purpose: creating an index whose keys
+                // and options match an existing one is a no-op, so a restart, or a
+                // collection an operator indexed by hand, is fine.
+                let index = IndexModel::builder()
+                    .keys(doc! { "uuid": 1 })
+                    .options(IndexOptions::builder().unique(true).build())
+                    .build();
+                let collection = self.profiles.clone();
+                bounded("create the unique index on uuid", async move {
+                    collection.create_index(index).await.map(drop)
+                })
+                .await
+            })
+            .await
+            .map(drop)
     }
 }
 
@@ -220,6 +244,7 @@ impl ProfileStore for MongoProfileStore {
             },
             "$setOnInsert": { "created_at": stamp },
         };
+        self.ensure_index().await?;
         conditional_upsert(self.profiles.clone(), "upsert the profile", filter, update).await
     }
 
@@ -254,6 +279,7 @@ impl ProfileStore for MongoProfileStore {
                 "created_at": now,
             },
         };
+        self.ensure_index().await?;
         conditional_upsert(
             self.profiles.clone(),
             "record the failed enrichment",
@@ -292,6 +318,7 @@ impl ProfileStore for MongoProfileStore {
             },
             "$setOnInsert": { "created_at": now },
         };
+        self.ensure_index().await?;
         conditional_upsert(self.profiles.clone(), "erase the profile", filter, update).await
     }
 
@@ -306,6 +333,10 @@ impl ProfileStore for MongoProfileStore {
         .map(ProfileDocument::into_profile)
         .transpose()
         .map(Option::flatten)
+    }
+
+    async fn prepare(&self) -> Result<(), StoreError> {
+        self.ensure_index().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

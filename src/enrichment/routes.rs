@@ -17,7 +17,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        ApiError::Internal(error.into())
+        match error {
+            StoreError::Unavailable(why) => {
+                tracing::warn!(%why, "profile store unavailable");
+                ApiError::Unavailable("The profile store is unavailable; try again shortly".into())
+            }
+            other => ApiError::Internal(other.into()),
+        }
     }
 }
 

@@ -20,6 +20,9 @@ use crate::db::DbTime;
 pub enum StoreError {
     #[error("profile store failed: {0}")]
     Backend(String),
+    /// The store is known to be down (its circuit breaker is open).
+    #[error("profile store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -46,6 +49,11 @@ pub trait ProfileStore: Send + Sync {
     ) -> Result<Write, StoreError>;
     /// The user's profile; `None` while pending and once erased.
     async fn get(&self, uuid: Uuid) -> Result<Option<EnrichedProfile>, StoreError>;
+    /// Creates what the store needs (indexes), idempotently; writes do it too before
+    /// their first use. For `userhub migrate`.
+    async fn prepare(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     async fn ping(&self) -> Result<(), StoreError>;
 }
 

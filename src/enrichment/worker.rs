@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::domain::{EnrichedProfile, Write};
-use super::store::ProfileStore;
+use super::guarded::GuardedStore;
+use super::store::{ProfileStore, StoreError};
 use crate::bus::{Envelope, EventHandler, HandlerError, headers};
 use crate::cache::{self, Cache};
 use crate::events::{
@@ -17,12 +18,12 @@ use crate::events::{
 };
 
 pub struct UserEventsHandler {
-    store: Arc<dyn ProfileStore>,
+    store: Arc<GuardedStore>,
     cache: Arc<dyn Cache>,
 }
 
 impl UserEventsHandler {
-    pub fn new(store: Arc<dyn ProfileStore>, cache: Arc<dyn Cache>) -> Self {
+    pub(super) fn new(store: Arc<GuardedStore>, cache: Arc<dyn Cache>) -> Self {
         Self { store, cache }
     }
 }
@@ -90,12 +91,21 @@ fn parse(envelope: &Envelope) -> Result<UserEvent, HandlerError> {
     }
 }
 
-fn transient(error: impl std::fmt::Display) -> HandlerError {
-    HandlerError::Transient(error.to_string())
+/// A store that is known to be down is no fault of the message: it waits, keeping
+/// its attempts. Any other store failure is worth a retry.
+fn store_failed(error: StoreError) -> HandlerError {
+    match error {
+        StoreError::Unavailable(why) => HandlerError::Unavailable(why),
+        StoreError::Backend(why) => HandlerError::Transient(why),
+    }
 }
 
 #[async_trait]
 impl EventHandler for UserEventsHandler {
+    async fn pause(&self) -> Option<std::time::Duration> {
+        self.store.pause().await
+    }
+
     async fn handle(&self, envelope: &Envelope) -> Result<(), HandlerError> {
         match parse(envelope)? {
             UserEvent::Derive {
@@ -105,7 +115,7 @@ impl EventHandler for UserEventsHandler {
                 version,
             } => {
                 let profile = EnrichedProfile::derive(uuid, &name, &email, envelope.id, version);
-                match self.store.upsert(&profile).await.map_err(transient)? {
+                match self.store.upsert(&profile).await.map_err(store_failed)? {
                     Write::Applied => {
                         // After the store, so the cache never holds what the store lacks.
                         let key = super::cache_key(uuid);
@@ -127,7 +137,7 @@ impl EventHandler for UserEventsHandler {
                     .store
                     .erase(uuid, version, envelope.id)
                     .await
-                    .map_err(transient)?
+                    .map_err(store_failed)?
                 {
                     Write::Applied => {
                         cache::put_gone(self.cache.as_ref(), &super::cache_key(uuid), version)

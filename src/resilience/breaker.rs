@@ -144,6 +144,17 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long until an open breaker lets its next trial through: `None` while closed,
+    /// zero once the cool-down has passed or while a trial is in flight.
+    pub fn retry_in(&self) -> Option<Duration> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return None;
+        }
+        let opened_at = *self.lock();
+        let elapsed = self.clock.now().saturating_duration_since(opened_at);
+        Some(self.policy.cool_down.saturating_sub(elapsed))
+    }
+
     /// Failures in a row while closed (reset by a success or by opening).
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
@@ -370,11 +381,16 @@ mod tests {
     #[test]
     fn an_open_breaker_refuses_calls_until_the_cool_down_has_passed() {
         let (breaker, clock) = breaker(1);
+        assert_eq!(breaker.retry_in(), None, "closed");
         fail(&breaker);
         assert!(breaker.try_acquire().is_none());
+        assert_eq!(breaker.retry_in(), Some(COOL_DOWN));
         clock.advance(COOL_DOWN - Duration::from_millis(1));
         assert!(breaker.try_acquire().is_none(), "cool-down not over yet");
         assert_eq!(breaker.state(), BreakerState::Open);
+        assert_eq!(breaker.retry_in(), Some(Duration::from_millis(1)));
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(breaker.retry_in(), Some(Duration::ZERO), "a trial may go");
     }
 
     #[test]

@@ -418,3 +418,70 @@ async fn an_api_relay_process_and_a_worker_process_form_a_working_system() {
     worker.stop().await;
     front.stop().await;
 }
+
+#[tokio::test]
+async fn a_store_outage_pauses_the_consumer_and_loses_no_message_to_the_dead_letters() {
+    use std::sync::atomic::Ordering;
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        roles: Roles::ALL,
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    store.set_down(true);
+    let mut uuids = Vec::new();
+    for i in 0..10 {
+        let user = app
+            .create_user(
+                &format!("Outage User{i}"),
+                &format!("outage{i}@example.com"),
+            )
+            .await;
+        uuids.push(user["uuid"].as_str().unwrap().to_owned());
+    }
+
+    // A failed upsert followed by a failed ping: the store is down, the message
+    // waits with its attempts untouched. Three of those open the breaker; from then
+    // on the consumer only pings, once per cool-down (200 ms in tests).
+    let opened_after = eventually("the store's breaker opens", async || {
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        metrics
+            .contains("userhub_circuit_breaker_state{dependency=\"profile_store\"} 2")
+            .then(|| store.failed_pings.load(Ordering::SeqCst))
+    })
+    .await;
+    // Three failed trials: over half a second in which, unpaused, every message would
+    // have spent its 3 attempts (backoff 20–200 ms).
+    eventually("the paused consumer probes the store", async || {
+        (store.failed_pings.load(Ordering::SeqCst) >= opened_after + 3).then_some(())
+    })
+    .await;
+    let upserts_while_down = store.upsert_attempts.lock().unwrap().len();
+    assert!(
+        upserts_while_down <= 10,
+        "no message was tried again while the store was down ({upserts_while_down} upserts)"
+    );
+    assert!(app.bus().dead_letters(10, None).await.unwrap().is_empty());
+    // Readers are told to come back, at once and without an internal error.
+    let response = app.get(&format!("/users/enriched/{}", uuids[0])).await;
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+
+    store.set_down(false);
+    for uuid in &uuids {
+        app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    }
+    assert!(app.bus().dead_letters(10, None).await.unwrap().is_empty());
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let requeued = metrics
+        .lines()
+        .find(|l| l.starts_with("userhub_deliveries_total") && l.contains("unavailable"))
+        .expect("requeued deliveries are counted");
+    assert!(!requeued.ends_with(" 0"), "{requeued}");
+    assert!(
+        metrics.contains("userhub_circuit_breaker_state{dependency=\"profile_store\"} 0"),
+        "the breaker closed again"
+    );
+    app.stop().await;
+}

@@ -687,6 +687,8 @@ pub struct ControlledStore {
     pub upsert_attempts: std::sync::Mutex<Vec<Instant>>,
     /// (user, source event) of every upsert attempted.
     upserted_events: std::sync::Mutex<Vec<(uuid::Uuid, uuid::Uuid)>>,
+    /// Pings answered "down".
+    pub failed_pings: std::sync::atomic::AtomicU32,
 }
 
 impl ControlledStore {
@@ -697,6 +699,7 @@ impl ControlledStore {
             down: false.into(),
             upsert_attempts: std::sync::Mutex::new(Vec::new()),
             upserted_events: std::sync::Mutex::new(Vec::new()),
+            failed_pings: 0.into(),
         })
     }
 
@@ -780,7 +783,11 @@ impl ProfileStore for ControlledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.check()?.ping().await
+        let store = self.check().inspect_err(|_| {
+            self.failed_pings
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })?;
+        store.ping().await
     }
 }
 
