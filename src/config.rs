@@ -27,6 +27,7 @@ pub struct Settings {
     pub cors: CorsSettings,
     pub auth: AuthSettings,
     pub http: HttpSettings,
+    pub retention: RetentionSettings,
     pub console: ConsoleSettings,
     /// The `APP_ENV` the settings were loaded for (`local`, `test`, `production`, …).
     #[serde(skip)]
@@ -45,6 +46,12 @@ pub struct ServerSettings {
     pub keep_alive_secs: u64,
     /// Concurrent connections each worker thread accepts.
     pub max_connections_per_worker: usize,
+    /// After SIGTERM, how long readiness answers 503 while the server keeps serving,
+    /// so load balancers stop sending requests before it stops accepting them.
+    pub drain_secs: u64,
+    /// A readiness result is reused this long, so a flood of probes does not reach the
+    /// backends.
+    pub readiness_cache_ms: u64,
     #[serde(default)]
     pub tls: TlsSettings,
 }
@@ -95,6 +102,9 @@ pub struct CorsSettings {
 pub struct DatabaseSettings {
     /// May carry a password (postgres://user:pass@…), so it never reaches a log.
     pub url: SecretString,
+    /// A file holding `url` (container secrets); when set it wins. Empty: unset.
+    #[serde(default)]
+    pub url_file: String,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
     /// PostgreSQL only: longest a single statement may run.
@@ -105,11 +115,22 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DocumentsSettings {
     pub url: SecretString,
+    /// A file holding `url`; when set it wins. Empty: unset.
+    #[serde(default)]
+    pub url_file: String,
+    /// Consecutive failures with the store unreachable (a ping confirms it) that open
+    /// its circuit breaker: the consumer then pauses.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits before it tries the store again.
+    pub breaker_cool_down_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CacheSettings {
     pub url: SecretString,
+    /// A file holding `url`; when set it wins. Empty: unset.
+    #[serde(default)]
+    pub url_file: String,
     pub ttl_secs: u64,
     pub max_entries: u64,
     pub key_prefix: String,
@@ -119,6 +140,9 @@ pub struct CacheSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct BusSettings {
     pub url: SecretString,
+    /// A file holding `url`; when set it wins. Empty: unset.
+    #[serde(default)]
+    pub url_file: String,
     pub prefix: String,
 }
 
@@ -135,6 +159,25 @@ pub struct WorkerSettings {
     pub backoff_max_ms: u64,
     pub handler_timeout_ms: u64,
     pub poll_interval_ms: u64,
+    /// Messages one consumer handles at once.
+    pub concurrency: usize,
+    /// RabbitMQ: deliveries of one message (redeliveries after a consumer died
+    /// included) before the broker dead-letters it itself.
+    pub delivery_limit: u32,
+}
+
+/// `[retention]`: how long what holds personal data is kept once it served.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Sent outbox rows are deleted this long after they were sent.
+    pub outbox_hours: u64,
+    /// Dead letters (replayed or not) are deleted this long after they died; on
+    /// RabbitMQ it is the DLQs' message TTL.
+    pub dead_letter_days: u64,
+    /// How often the clean-up runs.
+    pub interval_secs: u64,
+    /// Rows deleted per statement, so the clean-up never holds a long lock.
+    pub batch_size: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -314,7 +357,42 @@ impl Settings {
             .build()?
             .try_deserialize()?;
         settings.environment = environment.to_owned();
+        settings.read_url_files()?;
         Ok(settings)
+    }
+
+    /// Replaces each URL whose `*_file` twin is set by that file's content (without
+    /// its trailing line break): secrets mounted as files, not in the environment.
+    fn read_url_files(&mut self) -> Result<(), config::ConfigError> {
+        for (setting, file, url) in [
+            (
+                "database.url_file",
+                &self.database.url_file,
+                &mut self.database.url,
+            ),
+            (
+                "documents.url_file",
+                &self.documents.url_file,
+                &mut self.documents.url,
+            ),
+            ("cache.url_file", &self.cache.url_file, &mut self.cache.url),
+            ("bus.url_file", &self.bus.url_file, &mut self.bus.url),
+        ] {
+            if file.trim().is_empty() {
+                continue;
+            }
+            let content = std::fs::read_to_string(file).map_err(|error| {
+                config::ConfigError::Message(format!("cannot read {setting} {file}: {error}"))
+            })?;
+            let value = content.trim_end_matches(['\r', '\n']);
+            if value.is_empty() {
+                return Err(config::ConfigError::Message(format!(
+                    "{setting} {file} is empty"
+                )));
+            }
+            *url = SecretString::from(value);
+        }
+        Ok(())
     }
 
     pub fn is_production(&self) -> bool {
@@ -432,6 +510,7 @@ mod tests {
     fn database_url_is_redacted_in_debug_output() {
         let db = DatabaseSettings {
             url: SecretString::from("postgres://app:hunter2@db/userhub"),
+            url_file: String::new(),
             max_connections: 1,
             acquire_timeout_ms: 1,
             statement_timeout_ms: 1,

@@ -9,7 +9,9 @@ use userhub::config::Settings;
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
-use userhub::startup::{Application, Bus, Roles, open_bus, open_database, open_users};
+use userhub::startup::{
+    Application, Bus, Roles, open_bus, open_database, open_documents, open_users,
+};
 use userhub::telemetry;
 use userhub::users::Selection;
 use userhub::web::auth::{LocalToken, mint_local_token, parse_ttl};
@@ -44,8 +46,19 @@ enum Command {
         )]
         roles: Vec<Role>,
     },
-    /// Apply pending database migrations to database.url and exit.
+    /// Apply pending migrations to database.url (and to documents.url when it is a
+    /// separate SQLite file; a MongoDB store gets its index) and exit.
     Migrate,
+    /// Check this instance's health over HTTP, for container health checks that have no
+    /// shell or curl: exits 0 when GET answers 2xx within 2 s, else 1.
+    Probe {
+        /// The path to GET: /health (alive) or /health/ready (ready for traffic).
+        #[arg(long, default_value = "/health")]
+        path: String,
+        /// The instance's base URL; default http(s)://127.0.0.1:{server.port}.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print a bearer token signed with the configured HS256 secret (auth.hs256_secret
     /// or auth.hs256_secret_file), with the configured issuer and audience.
     ///
@@ -200,10 +213,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let mut settings = settings;
             settings.database.migrate_on_start = true;
-            open_database(&settings).await?;
+            let database = open_database(&settings).await?;
+            open_documents(&settings, &database)
+                .await?
+                .prepare()
+                .await
+                .context("cannot prepare documents.url")?;
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::Probe { path, url } => probe(&settings, url, &path).await,
     }
 }
 
@@ -226,5 +245,29 @@ async fn reenrich(settings: &Settings, selection: &Selection) -> anyhow::Result<
         .await?;
     bar.finish_and_clear();
     println!("queued {republished} users for re-enrichment");
+    Ok(())
+}
+
+/// How long a probe may take, connection included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn probe(settings: &Settings, url: Option<String>, path: &str) -> anyhow::Result<()> {
+    userhub::crypto::install_crypto_provider();
+    let tls = settings.server.tls.enabled();
+    let base = url.unwrap_or_else(|| {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", settings.server.port)
+    });
+    let client = reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .connect_timeout(PROBE_TIMEOUT)
+        .no_proxy()
+        // The probe asks this instance whether it is alive, over loopback: the
+        // certificate names the service's public host, not 127.0.0.1.
+        .danger_accept_invalid_certs(tls)
+        .build()?;
+    let target = format!("{}{path}", base.trim_end_matches('/'));
+    let status = client.get(&target).send().await?.status();
+    anyhow::ensure!(status.is_success(), "{target} answered {status}");
     Ok(())
 }

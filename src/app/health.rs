@@ -46,7 +46,7 @@ pub async fn metrics(
     gauges: web::Data<Gauges>,
     readiness: web::Data<Readiness>,
 ) -> HttpResponse {
-    let (backlog, oldest, queues, (required_up, checks)) = tokio::join!(
+    let (backlog, oldest, queues, report) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.backlog()),
         tokio::time::timeout(CHECK_TIMEOUT, gauges.relay.oldest_unsent_age()),
         tokio::time::timeout(CHECK_TIMEOUT, gauges.bus.queue_counts()),
@@ -80,12 +80,12 @@ pub async fn metrics(
         Ok(Err(error)) => tracing::warn!(%error, "cannot count queued messages"),
         Err(_) => tracing::warn!("counting queued messages timed out"),
     }
-    metrics.ready.set(i64::from(required_up));
-    for (dependency, check) in &checks {
+    metrics.ready.set(i64::from(report.ready));
+    for (dependency, check) in &report.checks {
         metrics
             .dependency_up
             .with_label_values(&[dependency])
-            .set(i64::from(check.error.is_none()));
+            .set(i64::from(check.status == "up"));
     }
     let (size, idle) = gauges.database.pool_usage();
     let idle = i64::try_from(idle).unwrap_or(i64::MAX);
@@ -113,36 +113,136 @@ pub async fn metrics(
     }
 }
 
+/// Which dependencies a process needs, from its roles: serving the API needs the
+/// database (creating a user needs nothing else: that is what the outbox is for);
+/// relaying needs the database and the bus; consuming needs the bus and the profile
+/// store. The cache is never required: without it reads go to the stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Required {
+    pub database: bool,
+    pub documents: bool,
+    pub bus: bool,
+}
+
+/// What the process itself reports to readiness: draining after SIGTERM, and which
+/// background task is down (ended or panicked, waiting to be restarted).
+#[derive(Debug, Default)]
+pub struct ProcessState {
+    draining: std::sync::atomic::AtomicBool,
+    tasks_down: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+}
+
+impl ProcessState {
+    /// From now on readiness answers 503, so load balancers stop sending requests
+    /// while the server finishes the ones it has.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records whether the background task `name` is running.
+    pub fn set_task_running(&self, name: &'static str, running: bool) {
+        let mut down = self
+            .tasks_down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if running {
+            down.remove(name);
+        } else {
+            down.insert(name);
+        }
+    }
+
+    /// The background tasks reported down.
+    pub fn tasks_down(&self) -> Vec<&'static str> {
+        self.tasks_down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
 /// The dependencies `/health/ready` checks.
 #[derive(Clone)]
 pub struct Readiness {
     pub users: Users,
     pub enrichment: Enrichment,
     pub bus: Arc<dyn EventBus>,
-    /// Reported, but not required: without it reads go to the stores.
     pub cache: Arc<dyn Cache>,
+    pub required: Required,
+    pub process: Arc<ProcessState>,
+    /// A result is reused for this long, so a flood of probes does not reach the
+    /// backends (one check at a time; the others wait for it).
+    pub reuse_for: Duration,
+    pub last: Arc<tokio::sync::Mutex<Option<(Instant, Report)>>>,
+}
+
+/// One readiness result.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Every required dependency is up, no background task is down, not draining.
+    pub ready: bool,
+    pub draining: bool,
+    pub tasks_down: Vec<&'static str>,
+    pub checks: BTreeMap<&'static str, DependencyCheck>,
 }
 
 impl Readiness {
-    /// Checks every dependency at once: whether the required ones are all up, and
-    /// each one's check.
-    pub async fn check(&self) -> (bool, BTreeMap<&'static str, DependencyCheck>) {
+    /// The current report: reused when younger than `reuse_for`, else checked anew,
+    /// every dependency at once. Draining and the tasks are read fresh every time.
+    pub async fn check(&self) -> Report {
+        let checks = {
+            let mut last = self.last.lock().await;
+            match &*last {
+                Some((at, report)) if at.elapsed() < self.reuse_for => report.checks.clone(),
+                _ => {
+                    let checks = self.check_dependencies().await;
+                    *last = Some((
+                        Instant::now(),
+                        Report {
+                            ready: false,
+                            draining: false,
+                            tasks_down: Vec::new(),
+                            checks: checks.clone(),
+                        },
+                    ));
+                    checks
+                }
+            }
+        };
+        let draining = self.process.is_draining();
+        let tasks_down = self.process.tasks_down();
+        let ready = !draining
+            && tasks_down.is_empty()
+            && checks.values().all(|c| !c.required || c.status == "up");
+        Report {
+            ready,
+            draining,
+            tasks_down,
+            checks,
+        }
+    }
+
+    async fn check_dependencies(&self) -> BTreeMap<&'static str, DependencyCheck> {
+        let required = self.required;
         let (database, documents, bus, cache) = tokio::join!(
-            check(self.users.ping()),
-            check(self.enrichment.ping()),
-            check(self.bus.ping()),
-            check(self.cache.ping()),
+            check("database", required.database, self.users.ping()),
+            check("documents", required.documents, self.enrichment.ping()),
+            check("bus", required.bus, self.bus.ping()),
+            check("cache", false, self.cache.ping()),
         );
-        let required_up = [&database, &documents, &bus]
-            .iter()
-            .all(|c| c.error.is_none());
-        let checks = BTreeMap::from([
+        BTreeMap::from([
             ("database", database),
             ("documents", documents),
             ("bus", bus),
             ("cache", cache),
-        ]);
-        (required_up, checks)
+        ])
     }
 }
 
@@ -167,32 +267,38 @@ pub async fn health() -> HttpResponse {
     })
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DependencyCheck {
     /// `up` or `down`.
     pub status: &'static str,
+    /// Whether this process needs it (from its roles) to be ready.
+    pub required: bool,
     pub latency_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({
     "status": "ok",
     "checks": {
-        "database": {"status": "up", "latency_ms": 0.4},
-        "documents": {"status": "up", "latency_ms": 0.3},
-        "bus": {"status": "up", "latency_ms": 0.3},
-        "cache": {"status": "up", "latency_ms": 0.1}
+        "database": {"status": "up", "required": true, "latency_ms": 0.4},
+        "documents": {"status": "up", "required": false, "latency_ms": 0.3},
+        "bus": {"status": "up", "required": false, "latency_ms": 0.3},
+        "cache": {"status": "up", "required": false, "latency_ms": 0.1}
     }
 }))]
 pub struct ReadinessResponse {
-    /// `ok` when every required dependency is up, else `unavailable`.
+    /// `ok` when ready; `draining` after SIGTERM; `unavailable` when a required
+    /// dependency is down or a background task is being restarted.
     pub status: &'static str,
+    /// Background tasks (`relay`, `consumer`) that ended and wait to be restarted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks_down: Vec<&'static str>,
     pub checks: BTreeMap<&'static str, DependencyCheck>,
 }
 
-async fn check<F, E>(probe: F) -> DependencyCheck
+/// Checks one dependency within the timeout. Why it is down goes to the log, not to
+/// the caller: a backend's error names hosts and users.
+async fn check<F, E>(name: &'static str, required: bool, probe: F) -> DependencyCheck
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -206,29 +312,38 @@ where
         Err(_) => Some(format!("no answer within {CHECK_TIMEOUT:?}")),
     };
     if let Some(error) = &error {
-        tracing::warn!(%error, "readiness check failed");
+        tracing::warn!(dependency = name, required, %error, "readiness check failed");
     }
     DependencyCheck {
         status: if error.is_none() { "up" } else { "down" },
+        required,
         latency_ms,
-        error,
     }
 }
 
-/// Readiness: every required dependency answers (`database`, `documents`, `bus`); 503
-/// when one does not. `cache` is reported but not required.
+/// Readiness: the dependencies this process needs (from its roles) answer, its
+/// background tasks run, and it is not draining; else 503. Every dependency is
+/// reported, with whether it is required. Results are reused for about a second.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = ReadinessResponse),
-        (status = 503, description = "A dependency is down", body = ReadinessResponse),
+        (status = 503, description = "Draining, a required dependency is down, or a background task is restarting", body = ReadinessResponse),
     ))]
 pub async fn ready(deps: web::Data<Readiness>) -> HttpResponse {
-    let (required_up, checks) = deps.check().await;
-    let body = ReadinessResponse {
-        status: if required_up { "ok" } else { "unavailable" },
-        checks,
+    let report = deps.check().await;
+    let status = if report.ready {
+        "ok"
+    } else if report.draining {
+        "draining"
+    } else {
+        "unavailable"
     };
-    if required_up {
+    let body = ReadinessResponse {
+        status,
+        tasks_down: report.tasks_down,
+        checks: report.checks,
+    };
+    if report.ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use actix_web::web;
 
 pub use console::Console;
-pub use health::{Gauges, Readiness};
+pub use health::{Gauges, ProcessState, Readiness, Report, Required};
 pub use openapi::ApiDoc;
 
 use crate::bus::EventBus;

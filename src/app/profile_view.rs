@@ -54,8 +54,10 @@ impl EnrichmentView {
     }
 }
 
-impl From<Option<EnrichedProfile>> for EnrichmentView {
-    fn from(profile: Option<EnrichedProfile>) -> Self {
+impl EnrichmentView {
+    /// The enrichment of the user at `version`. A profile of an earlier version (the
+    /// user changed since) is no answer yet: its change is on its way to enrichment.
+    pub(crate) fn of(profile: Option<EnrichedProfile>, version: u64) -> Self {
         let pending = Self {
             status: EnrichmentState::Pending,
             linkedin: None,
@@ -65,6 +67,7 @@ impl From<Option<EnrichedProfile>> for EnrichmentView {
         };
         match profile {
             None => pending,
+            Some(p) if p.version < version => pending,
             Some(p) if p.status == EnrichmentStatus::Completed => Self {
                 status: EnrichmentState::Completed,
                 linkedin: p.linkedin,
@@ -137,7 +140,7 @@ pub async fn get_user_profile(
             tracing::warn!(user = %uuid, %error, "profile store unavailable; answering without it");
             EnrichmentView::unavailable()
         },
-        EnrichmentView::from,
+        |profile| EnrichmentView::of(profile, user.version),
     );
     json_content_tagged(
         &req,

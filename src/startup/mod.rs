@@ -1,25 +1,34 @@
 //! Wiring: picks adapters from the settings, builds the modules, runs the HTTP server
-//! and the background workers, and stops them all gracefully.
+//! and the background workers (restarted when they die), and stops them all
+//! gracefully: readiness goes down first, the server drains, then the workers stop.
+
+mod adapters;
+mod supervise;
+
+pub use adapters::{
+    delivery_policy, open_bus, open_database, open_documents, open_users, refuse_traps,
+};
+pub use supervise::supervise;
+
+use adapters::open_cache;
+use supervise::shutdown_signal;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use secrecy::ExposeSecret;
+use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Console, Gauges, Readiness, Routes};
-use crate::bus::{DeliveryPolicy, EventBus, InProcessBus, RabbitBus};
-use crate::cache::{Cache, CachePolicy, MemoryCache, RedisCache};
+use crate::app::{Console, Gauges, ProcessState, Readiness, Required, Routes};
+use crate::bus::{EventBus, InProcessBus, RabbitBus};
 use crate::config::{Settings, scheme_of};
 use crate::crypto::install_crypto_provider;
-use crate::db::{self, Database};
-use crate::enrichment::{self, Enrichment, MongoProfileStore, ProfileStore, SqliteProfileStore};
+use crate::enrichment::{self, Enrichment, ProfileStore};
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
-use crate::resilience::Backoff;
+use crate::resilience::BreakerPolicy;
 use crate::users::{SqlUserRepository, Users};
 use crate::web::auth::Authentication;
 use crate::web::conditional::Preconditions;
@@ -43,6 +52,23 @@ impl Roles {
         relay: true,
         worker: true,
     };
+
+    /// What this process needs to be ready: the API needs the database (a create
+    /// needs nothing else: that is the outbox's job); the relay the database and the
+    /// bus; the worker the bus and the profile store, and the database too when the
+    /// bus is the in-process one, which lives there.
+    pub fn required(self, bus_in_database: bool) -> Required {
+        Required {
+            database: self.api || self.relay || (self.worker && bus_in_database),
+            documents: self.worker,
+            bus: self.relay || self.worker,
+        }
+    }
+
+    /// Every role in this one process: no other process shares its stores.
+    pub fn is_whole(self) -> bool {
+        self == Self::ALL
+    }
 }
 
 /// Wraps the profile store the settings chose (tests put a breakable one in front).
@@ -59,6 +85,11 @@ pub struct Application {
     server: actix_web::dev::Server,
     roles: Roles,
     shutdown: CancellationToken,
+    process: Arc<ProcessState>,
+    /// How long the server keeps serving after SIGTERM, with readiness down.
+    drain: Duration,
+    /// Held while serving: in production, each SQLite file is this process's alone.
+    _sqlite_locks: Vec<std::fs::File>,
     enrichment: Enrichment,
     relay: Arc<OutboxRelay>,
     bus: Bus,
@@ -111,7 +142,11 @@ impl Application {
         } else {
             None
         };
-        let database = open_database(&settings).await?;
+        refuse_traps(&settings, roles)?;
+        let sqlite_locks = adapters::lock_sqlite_files(&settings)?;
+        let bus_in_database = scheme_of(&settings.bus.url) == "memory";
+        let required = roles.required(bus_in_database);
+        let database = adapters::open_database_for(&settings, required.database).await?;
         let bus = open_bus(&settings, &database).await?;
         let metrics = Metrics::new().context("cannot register metrics")?;
         let cache = MeteredCache::wrap(open_cache(&settings, &metrics)?, metrics.clone());
@@ -124,7 +159,15 @@ impl Application {
         let signal = OutboxSignal::default();
         let repository = Arc::new(SqlUserRepository::new(database.clone()));
         let users = Users::new(repository, signal.clone(), cache.clone());
-        let enrichment = Enrichment::new(store, cache.clone());
+        let enrichment = Enrichment::new(
+            store,
+            cache.clone(),
+            BreakerPolicy {
+                failure_threshold: settings.documents.breaker_failures,
+                cool_down: Duration::from_millis(settings.documents.breaker_cool_down_ms),
+            },
+        );
+        metrics.watch_breaker(enrichment.breaker());
         let relay = Arc::new(OutboxRelay::new(
             database.clone(),
             bus.event_bus(),
@@ -138,6 +181,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}:{}", address.0, address.1))?;
         let port = listener.local_addr()?.port();
         let bus_port = bus.event_bus();
+        let process = Arc::new(ProcessState::default());
         let routes = Routes {
             users: users.clone(),
             enrichment: enrichment.clone(),
@@ -147,6 +191,10 @@ impl Application {
                 enrichment: enrichment.clone(),
                 bus: bus_port,
                 cache,
+                required,
+                process: process.clone(),
+                reuse_for: Duration::from_millis(settings.server.readiness_cache_ms),
+                last: Arc::default(),
             },
             gauges: Gauges {
                 relay: relay.clone(),
@@ -182,6 +230,9 @@ impl Application {
             server,
             roles,
             shutdown,
+            process,
+            drain: Duration::from_secs(settings.server.drain_secs),
+            _sqlite_locks: sqlite_locks,
             enrichment,
             relay,
             bus,
@@ -216,25 +267,48 @@ impl Application {
         }
     }
 
-    /// Serves until SIGINT/SIGTERM or the shutdown token: then in-flight requests
-    /// finish (up to `server.shutdown_timeout_secs`) and workers stop between messages.
+    /// Serves until SIGINT/SIGTERM or the shutdown token. Then readiness answers 503
+    /// at once while the server keeps serving for `server.drain_secs` (load balancers
+    /// take it out of rotation), then it stops accepting and lets in-flight requests
+    /// finish (up to `server.shutdown_timeout_secs`), then the relay and the workers
+    /// stop between messages. The relay and the consumer are restarted with backoff if
+    /// they end or panic before that; readiness reports them down meanwhile.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let token = self.shutdown.clone();
         let handle = self.server.handle();
         let mut server = tokio::spawn(self.server);
-        let mut workers = JoinSet::new();
+        let workers = CancellationToken::new();
+        let mut tasks = JoinSet::new();
         if self.roles.relay {
-            let (relay, token) = (self.relay.clone(), token.clone());
-            workers.spawn(async move { relay.run(token).await });
+            let relay = self.relay.clone();
+            let stop = workers.clone();
+            tasks.spawn(supervise(
+                "relay",
+                self.process.clone(),
+                workers.clone(),
+                move || {
+                    let (relay, stop) = (relay.clone(), stop.clone());
+                    async move { relay.run(stop).await }
+                },
+            ));
         }
         if self.roles.worker {
-            let (bus, token) = (self.bus.event_bus(), token.clone());
+            let bus = self.bus.event_bus();
             let handler = MeteredHandler::wrap(
                 self.enrichment.handler(),
                 self.metrics.clone(),
                 enrichment::BINDING.queue,
             );
-            workers.spawn(async move { bus.consume(&enrichment::BINDING, handler, token).await });
+            let stop = workers.clone();
+            tasks.spawn(supervise(
+                "consumer",
+                self.process.clone(),
+                workers.clone(),
+                move || {
+                    let (bus, handler, stop) = (bus.clone(), handler.clone(), stop.clone());
+                    async move { bus.consume(&enrichment::BINDING, handler, stop).await }
+                },
+            ));
         }
 
         let server_result = tokio::select! {
@@ -242,190 +316,32 @@ impl Application {
             () = token.cancelled() => None,
             result = &mut server => Some(result),
         };
-        token.cancel();
         let server_result = match server_result {
             Some(result) => result,
             None => {
+                self.process.start_draining();
+                if !self.drain.is_zero() {
+                    tracing::info!(
+                        drain_secs = self.drain.as_secs(),
+                        "draining: readiness is down, still serving"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(self.drain) => {}
+                        () = shutdown_signal() => tracing::info!("second signal: drain cut short"),
+                    }
+                }
                 handle.stop(true).await;
                 server.await
             }
         };
-        while let Some(joined) = workers.join_next().await {
-            joined.context("a background worker panicked")?;
+        token.cancel();
+        workers.cancel();
+        while let Some(joined) = tasks.join_next().await {
+            joined.context("a background task supervisor panicked")?;
         }
         self.bus.close().await;
         server_result.context("the HTTP server panicked")??;
         tracing::info!("userhub stopped");
         Ok(())
     }
-}
-
-/// The users module on `database.url`, for one-shot commands (`userhub reenrich`): its
-/// events wait in the outbox for a running relay.
-pub async fn open_users(settings: &Settings) -> anyhow::Result<Users> {
-    let database = open_database(settings).await?;
-    // Republishing reads no cache; a small private one keeps the facade whole.
-    let cache = Arc::new(MemoryCache::new(CachePolicy {
-        ttl: Duration::from_secs(settings.cache.ttl_secs),
-        max_entries: 1,
-    }));
-    Ok(Users::new(
-        Arc::new(SqlUserRepository::new(database)),
-        OutboxSignal::default(),
-        cache,
-    ))
-}
-
-/// Opens `database.url` and applies migrations when configured to.
-pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
-    require_scheme(
-        "database.url",
-        &scheme_of(&settings.database.url),
-        &["sqlite", "postgres", "postgresql"],
-    )?;
-    let database = Database::connect(settings.database.url.expose_secret(), &settings.database)
-        .await
-        .context("cannot open database.url")?;
-    if settings.database.migrate_on_start {
-        database
-            .migrate()
-            .await
-            .context("cannot migrate database.url")?;
-    }
-    Ok(database)
-}
-
-/// The retry policy of every consumer, from `worker.*`.
-pub fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
-    let worker = &settings.worker;
-    DeliveryPolicy {
-        max_attempts: worker.max_attempts.max(1),
-        backoff: Backoff::new(
-            Duration::from_millis(worker.backoff_base_ms),
-            Duration::from_millis(worker.backoff_max_ms),
-        ),
-        handler_timeout: worker.handler_timeout(),
-        poll_interval: Duration::from_millis(worker.poll_interval_ms),
-    }
-}
-
-/// Opens `bus.url`: `memory://` is the in-process bus, a durable queue in
-/// `database.url`; `amqp://` is RabbitMQ (connected in the background, so a broker that
-/// is down delays delivery instead of stopping the start).
-pub async fn open_bus(settings: &Settings, database: &Database) -> anyhow::Result<Bus> {
-    let policy = delivery_policy(settings);
-    let bindings = vec![enrichment::BINDING];
-    match scheme_of(&settings.bus.url).as_str() {
-        "amqp" | "amqps" => {
-            let bus = RabbitBus::connect(
-                settings.bus.url.expose_secret(),
-                &settings.bus.prefix,
-                bindings,
-                policy,
-            )
-            .await
-            .context("cannot configure bus.url")?;
-            Ok(Bus::RabbitMq(Arc::new(bus)))
-        }
-        scheme => {
-            require_scheme("bus.url", scheme, &["memory", "amqp"])?;
-            Ok(Bus::InProcess(Arc::new(InProcessBus::new(
-                database.clone(),
-                bindings,
-                policy,
-            ))))
-        }
-    }
-}
-
-/// Opens `cache.url`: `memory://` (moka) or `redis://` (never required: a Redis that is
-/// down degrades to the stores). A Redis cache's breaker is watched by `metrics`.
-fn open_cache(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Arc<dyn Cache>> {
-    let cache = &settings.cache;
-    let policy = CachePolicy {
-        ttl: Duration::from_secs(cache.ttl_secs),
-        max_entries: cache.max_entries,
-    };
-    match scheme_of(&cache.url).as_str() {
-        "redis" | "rediss" => {
-            let redis = RedisCache::connect(
-                cache.url.expose_secret(),
-                policy,
-                &cache.key_prefix,
-                Duration::from_millis(cache.timeout_ms),
-            )
-            .context("cannot configure cache.url")?;
-            metrics.watch_breaker(redis.breaker());
-            Ok(Arc::new(redis))
-        }
-        scheme => {
-            require_scheme("cache.url", scheme, &["memory", "redis"])?;
-            Ok(Arc::new(MemoryCache::new(policy)))
-        }
-    }
-}
-
-/// Opens `documents.url`: `mongodb://` or `sqlite://` (sharing the database pool when
-/// both name the same SQLite file).
-async fn open_documents(
-    settings: &Settings,
-    database: &Database,
-) -> anyhow::Result<Arc<dyn ProfileStore>> {
-    let url = settings.documents.url.expose_secret();
-    let scheme = scheme_of(&settings.documents.url);
-    if scheme == "mongodb" || scheme == "mongodb+srv" {
-        let store = MongoProfileStore::connect(url)
-            .await
-            .context("cannot open documents.url")?;
-        return Ok(Arc::new(store));
-    }
-    require_scheme("documents.url", &scheme, &["sqlite", "mongodb"])?;
-    let pool = match database {
-        Database::Sqlite(pool) if url == settings.database.url.expose_secret() => pool.clone(),
-        _ => {
-            let pool = db::connect_sqlite(url, &settings.database)
-                .await
-                .context("cannot open documents.url")?;
-            if settings.database.migrate_on_start {
-                Database::Sqlite(pool.clone())
-                    .migrate()
-                    .await
-                    .context("cannot migrate documents.url")?;
-            }
-            pool
-        }
-    };
-    Ok(Arc::new(SqliteProfileStore::new(pool)))
-}
-
-fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Result<()> {
-    if supported.contains(&scheme) {
-        return Ok(());
-    }
-    bail!(
-        "{setting}: scheme {scheme:?} is not supported by this build (supported: {})",
-        supported.join(", ")
-    )
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops userhub");
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

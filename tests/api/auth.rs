@@ -116,6 +116,9 @@ async fn assert_accepted(app: &TestApp, token: &str) {
 
 async fn spawn_with(configure: impl FnOnce(&mut Settings) + Send + 'static) -> TestApp {
     spawn(Spawn {
+        // Every role: production (which some tests configure) refuses embedded stores
+        // split across processes.
+        roles: Roles::ALL,
         configure: Box::new(configure),
         ..Spawn::default()
     })
@@ -297,12 +300,8 @@ pub(crate) async fn start_error(configure: impl FnOnce(&mut Settings)) -> String
     settings.database.url = url.clone().into();
     settings.documents.url = url.into();
     configure(&mut settings);
-    let roles = Roles {
-        api: true,
-        relay: false,
-        worker: false,
-    };
-    let error = match Application::build(settings, roles).await {
+    // Every role: production refuses embedded stores split across processes.
+    let error = match Application::build(settings, Roles::ALL).await {
         Ok(_) => panic!("the application must refuse to start"),
         Err(error) => format!("{error:#}"),
     };

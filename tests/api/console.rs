@@ -8,6 +8,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 use userhub::config::DEVELOPMENT_CONSOLE_SESSION_KEY;
+use userhub::startup::Roles;
 
 use crate::auth::start_error;
 use crate::helpers::{
@@ -657,6 +658,8 @@ async fn console_posts_are_rate_limited_like_any_write() {
 #[tokio::test]
 async fn production_has_no_development_sign_in() {
     let app = spawn(Spawn {
+        // Every role: production refuses embedded stores split across processes.
+        roles: Roles::ALL,
         configure: Box::new(|settings| settings.environment = "production".into()),
         ..Spawn::default()
     })

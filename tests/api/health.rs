@@ -2,6 +2,7 @@
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use userhub::startup::Roles;
 
 use crate::helpers::{ControlledStore, Spawn, spawn, spawn_app};
 
@@ -34,6 +35,7 @@ async fn readiness_checks_each_dependency() {
 async fn readiness_is_503_when_a_dependency_is_down() {
     let store = ControlledStore::new();
     let app = spawn(Spawn {
+        roles: Roles::ALL,
         store: Some(store.clone()),
         ..Spawn::default()
     })
@@ -44,10 +46,43 @@ async fn readiness_is_503_when_a_dependency_is_down() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "unavailable");
     assert_eq!(body["checks"]["documents"]["status"], "down");
+    assert_eq!(body["checks"]["documents"]["required"], true);
     assert_eq!(body["checks"]["database"]["status"], "up");
+    assert!(
+        !body.to_string().contains("store is down (test)"),
+        "no error text leaves the process: {body}"
+    );
 
     store.set_down(false);
     assert_eq!(app.get("/health/ready").await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// An API-only process serves users without the profile store (profile reads degrade
+/// to `unavailable`): taking it out of the load balancer would not bring the store
+/// back, only take the users API down with it.
+#[tokio::test]
+async fn an_api_process_stays_ready_without_the_profile_store() {
+    let store = ControlledStore::new();
+    let app = spawn(Spawn {
+        roles: Roles {
+            api: true,
+            relay: false,
+            worker: false,
+        },
+        store: Some(store.clone()),
+        ..Spawn::default()
+    })
+    .await;
+    store.set_down(true);
+    let response = app.get("/health/ready").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["checks"]["documents"]["status"], "down");
+    assert_eq!(body["checks"]["documents"]["required"], false);
+    assert_eq!(body["checks"]["database"]["required"], true);
+    assert_eq!(body["checks"]["bus"]["required"], false);
 }
 
 #[tokio::test]

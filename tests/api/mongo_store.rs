@@ -171,14 +171,16 @@ async fn an_erased_profile_is_a_tombstone_without_personal_data() {
 }
 
 #[tokio::test]
-async fn connect_creates_a_unique_index_on_uuid_idempotently() {
+async fn prepare_creates_a_unique_index_on_uuid_idempotently() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    // A second connect (a restart, another instance) finds the index there already.
+    db.store.prepare().await.expect("prepared");
+    // Another instance (or a restart) finds the index there already.
     let again = MongoProfileStore::connect(&db.url)
         .await
         .expect("connects again");
+    again.prepare().await.expect("prepared again");
     again.ping().await.expect("ping");
 
     let mut cursor = db.collection().list_indexes().await.expect("indexes");
@@ -216,22 +218,31 @@ async fn ping_answers() {
 }
 
 #[tokio::test]
-async fn connect_to_a_closed_port_fails_within_seconds() {
+async fn a_store_on_a_closed_port_starts_and_its_calls_fail_within_seconds() {
     // Not skipped: this needs no server, only a port where none listens.
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         listener.local_addr().expect("address").port()
     };
-    let started = Instant::now();
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(20),
-        MongoProfileStore::connect(&format!(
-            "mongodb://127.0.0.1:{port}/userhub_unreachable?directConnection=true"
-        )),
-    )
+    // A process that only reads profiles must start while MongoDB is down.
+    let store = MongoProfileStore::connect(&format!(
+        "mongodb://127.0.0.1:{port}/userhub_unreachable?directConnection=true"
+    ))
     .await
-    .expect("connect gives up by itself");
-    assert!(outcome.is_err(), "nothing listens on {port}");
+    .expect("connect does not wait for the server");
+    let profile = profile("Nobody Home");
+    for (what, outcome) in [
+        ("ping", store.ping().await.map(drop)),
+        ("upsert", store.upsert(&profile).await.map(drop)),
+        ("get", store.get(profile.uuid).await.map(drop)),
+    ] {
+        assert!(outcome.is_err(), "{what}: nothing listens on {port}");
+    }
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), store.prepare())
+        .await
+        .expect("gives up by itself");
+    assert!(outcome.is_err());
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "took {:?}",

@@ -54,12 +54,13 @@ pub(super) struct StatusView {
 }
 
 impl StatusView {
-    fn new(profile: Option<EnrichedProfile>, show_error: bool) -> Self {
+    /// The enrichment of the user at `version`, as the combined view reports it.
+    fn new(profile: Option<EnrichedProfile>, version: u64, show_error: bool) -> Self {
         let error = profile
             .as_ref()
             .and_then(|p| p.error.clone())
             .filter(|_| show_error);
-        let view = EnrichmentView::from(profile);
+        let view = EnrichmentView::of(profile, version);
         Self {
             state: match view.status {
                 EnrichmentState::Pending => "pending",
@@ -160,7 +161,11 @@ async fn detail(
     let uuid = parse_uuid(&path)?;
     let (user, profile) = tokio::join!(find_user(&users, uuid), enrichment.profile(uuid));
     let user = user?;
-    let status = StatusView::new(profile.map_err(store_unavailable)?, viewer.has(Role::Admin));
+    let status = StatusView::new(
+        profile.map_err(store_unavailable)?,
+        user.version,
+        viewer.has(Role::Admin),
+    );
     Ok(render(
         StatusCode::OK,
         &UserPage {
@@ -184,6 +189,8 @@ struct Watch {
     enrichment: web::Data<Enrichment>,
     users: web::Data<Users>,
     uuid: Uuid,
+    /// The user's version at the last look: a profile of an earlier one is pending.
+    version: u64,
     show_error: bool,
     shutdown: CancellationToken,
     started: Instant,
@@ -213,10 +220,14 @@ impl Watch {
                 let found = tokio::time::timeout(LOOK_TIMEOUT, self.users.find(self.uuid)).await;
                 // Only a definite "no such user" ends the stream; a slow or failing look
                 // is tried again at the next check.
-                if let Ok(Ok(None)) = found {
-                    self.done = true;
-                    let first = self.last_state.is_none();
-                    return Some((Ok(status_event(&StatusView::deleted(), first)), self));
+                match found {
+                    Ok(Ok(None)) => {
+                        self.done = true;
+                        let first = self.last_state.is_none();
+                        return Some((Ok(status_event(&StatusView::deleted(), first)), self));
+                    }
+                    Ok(Ok(Some(user))) => self.version = user.version,
+                    _ => {}
                 }
             }
             let looked =
@@ -225,7 +236,7 @@ impl Watch {
                 // The store is slow or down: try again at the next tick.
                 continue;
             };
-            let status = StatusView::new(profile, self.show_error);
+            let status = StatusView::new(profile, self.version, self.show_error);
             if self.last_state != Some(status.state) {
                 let first = self.last_state.is_none();
                 self.last_state = Some(status.state);
@@ -265,11 +276,12 @@ async fn status_stream(
     let uuid = parse_uuid(&path)?;
     // A deleted user has no stream: a 404 closes the browser's `EventSource` for good
     // (it would reconnect after a stream that merely ended).
-    find_user(&users, uuid).await?;
+    let user = find_user(&users, uuid).await?;
     let watch = Watch {
         enrichment,
         users,
         uuid,
+        version: user.version,
         show_error: viewer.has(Role::Admin),
         shutdown: console.inner.shutdown.clone(),
         started: Instant::now(),
