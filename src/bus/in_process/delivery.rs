@@ -25,15 +25,20 @@ RETURNING message_id, routing_key, payload, headers, occurred_at, attempts, leas
 
 /// The same on PostgreSQL, where consumers in other processes claim at the same time:
 /// `SKIP LOCKED` hands each one other rows instead of making them wait for, then miss,
-/// the rows a first one took.
-const CLAIM_POSTGRES: &str = "UPDATE bus_messages
-    SET attempts = attempts + 1, available_at_ms = $1, lease = lease + 1
-  WHERE queue = $2 AND message_id IN (
+/// the rows a first one took. The rows are picked once, in a materialized CTE: as an
+/// `IN (subquery)`, the planner may run the subquery again per row and claim more than
+/// `$4` (which the caller would never hear of).
+const CLAIM_POSTGRES: &str = "WITH picked AS MATERIALIZED (
         SELECT message_id FROM bus_messages
          WHERE queue = $2 AND available_at_ms <= $3
          ORDER BY available_at_ms, message_id LIMIT $4
          FOR UPDATE SKIP LOCKED)
-RETURNING message_id, routing_key, payload, headers, occurred_at, attempts, lease";
+UPDATE bus_messages AS m
+    SET attempts = m.attempts + 1, available_at_ms = $1, lease = m.lease + 1
+   FROM picked
+  WHERE m.queue = $2 AND m.message_id = picked.message_id
+RETURNING m.message_id, m.routing_key, m.payload, m.headers, m.occurred_at, m.attempts,
+          m.lease";
 
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
