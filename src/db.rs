@@ -97,6 +97,48 @@ impl Database {
             .map(drop))
     }
 
+    /// Deletes the rows of `table` that `condition` selects (with `$1` bound to
+    /// `bound`), `batch` per statement so no statement holds its locks for long, until
+    /// none is left. `key` is the table's key (`id`, or `scope, key`): each statement
+    /// deletes the first `batch` matches in key order. Returns how many were deleted.
+    pub async fn delete_in_batches<T>(
+        &self,
+        table: &'static str,
+        key: &'static str,
+        condition: &'static str,
+        bound: T,
+        batch: u32,
+    ) -> Result<u64, sqlx::Error>
+    where
+        T: for<'q> Encode<'q, Sqlite>
+            + Type<Sqlite>
+            + for<'q> Encode<'q, Postgres>
+            + Type<Postgres>
+            + Copy
+            + Send
+            + 'static,
+    {
+        let sql = format!(
+            "DELETE FROM {table} WHERE ({key}) IN
+                 (SELECT {key} FROM {table} WHERE {condition} ORDER BY {key} LIMIT $2)"
+        );
+        let batch = batch.max(1);
+        let mut total = 0;
+        loop {
+            let deleted =
+                crate::with_pool!(self, |pool| sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                    .bind(bound)
+                    .bind(i64::from(batch))
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected()))?;
+            total += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Starts a write transaction on whichever pool this is; run statements in it with
     /// [`with_tx!`]. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so a
     /// transaction that reads before it writes never fails to upgrade its lock.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub dead_letters: IntGaugeVec,
     /// Set at scrape time, per queue.
     pub queue_messages: IntGaugeVec,
+    /// Rows deleted by the retention clean-up, per kind.
+    retention_deleted: IntCounterVec,
     /// Set at scrape time: `state` is `size`, `idle` or `in_use`.
     pub db_connections: IntGaugeVec,
     /// Set at scrape time.
@@ -128,6 +130,13 @@ impl Metrics {
                 ),
                 &["queue"],
             )?,
+            retention_deleted: IntCounterVec::new(
+                Opts::new(
+                    "retention_deleted_total",
+                    "Rows deleted by the retention clean-up: outbox, dead_letters, idempotency_keys",
+                ),
+                &["what"],
+            )?,
             queue_messages: IntGaugeVec::new(
                 Opts::new(
                     "queue_messages",
@@ -170,7 +179,10 @@ impl Metrics {
                 option_env!("USERHUB_REVISION").unwrap_or("unknown"),
             ])
             .set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        for what in ["outbox", "dead_letters", "idempotency_keys"] {
+            metrics.retention_deleted.with_label_values(&[what]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(metrics.http_requests.clone()),
             Box::new(metrics.http_duration.clone()),
             Box::new(metrics.deliveries.clone()),
@@ -183,6 +195,7 @@ impl Metrics {
             Box::new(metrics.outbox_oldest_age.clone()),
             Box::new(metrics.dead_letters.clone()),
             Box::new(metrics.queue_messages.clone()),
+            Box::new(metrics.retention_deleted.clone()),
             Box::new(metrics.db_connections.clone()),
             Box::new(metrics.db_connections_max.clone()),
             Box::new(metrics.ready.clone()),
@@ -225,6 +238,12 @@ impl Metrics {
         }
         self.dead_letters.with_label_values(&[queue]);
         self.queue_messages.with_label_values(&[queue]);
+    }
+
+    pub fn count_retention_deleted(&self, what: &str, rows: u64) {
+        self.retention_deleted
+            .with_label_values(&[what])
+            .inc_by(rows);
     }
 
     /// `method` is whatever the client sent: any but the standard ones count as

@@ -107,6 +107,7 @@ pub struct DeliveryPolicy {
 /// Which dead letters a bulk replay takes: all of them, or those of one queue, or
 /// those whose error contains a text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayFilter {
     /// Only the dead letters of this queue (e.g. `enrichment.users`).
     #[serde(default)]
@@ -234,6 +235,17 @@ pub trait EventBus: Send + Sync {
     /// Puts every dead letter `filter` selects back on its queue, in one pass (O(n)).
     /// Returns how many.
     async fn replay_all(&self, filter: &ReplayFilter) -> Result<u64, BusError>;
+
+    /// Deletes the dead letters (replayed or not) that died before `died_before`,
+    /// `batch` per statement; returns how many. Default: none, for a broker whose
+    /// dead-letter queues expire their messages themselves.
+    async fn purge_dead_letters(
+        &self,
+        _died_before: chrono::DateTime<chrono::Utc>,
+        _batch: u32,
+    ) -> Result<u64, BusError> {
+        Ok(0)
+    }
 }
 
 /// How many messages one queue holds, for metrics.

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bus::{Envelope, EventBus, headers};
-use crate::db::{Database, DbUuid, Tx};
+use crate::db::{Database, DbTime, DbUuid, Tx};
 use crate::resilience::Backoff;
 use crate::with_tx;
 
@@ -72,6 +72,24 @@ pub async fn erase_subject(tx: &mut Tx, subject: &str) -> sqlx::Result<()> {
             .await
             .map(drop)
     })
+}
+
+/// Deletes the rows sent before `sent_before` (what they announced is delivered; they
+/// only hold personal data now), `batch` per statement. Rows never sent are kept
+/// whatever their age. Returns how many.
+pub async fn purge_sent(
+    db: &Database,
+    sent_before: DateTime<Utc>,
+    batch: u32,
+) -> sqlx::Result<u64> {
+    db.delete_in_batches(
+        "outbox",
+        "id",
+        "sent_at IS NOT NULL AND sent_at < $1",
+        DbTime(sent_before),
+        batch,
+    )
+    .await
 }
 
 #[derive(sqlx::FromRow)]
@@ -292,6 +310,10 @@ impl OutboxRelay {
     pub async fn run(&self, shutdown: CancellationToken) {
         tracing::info!("outbox relay started");
         let mut listener = self.listen().await;
+        // After the LISTEN connection fails, it is left alone for a backoff (then
+        // `recv` reconnects it); polls cover the gap.
+        let mut listener_failures = 0;
+        let mut listener_rests_until = tokio::time::Instant::now();
         let mut consecutive_errors = 0;
         while !shutdown.is_cancelled() {
             let wait = match self.relay_batch().await {
@@ -310,17 +332,31 @@ impl OutboxRelay {
                     wait
                 }
             };
+            let mut listening =
+                consecutive_errors == 0 && tokio::time::Instant::now() >= listener_rests_until;
+            if listening && listener.is_none() && matches!(self.db, Database::Postgres(_)) {
+                // No LISTEN connection yet (the database was down at start): try again.
+                listener = self.listen().await;
+                if listener.is_none() {
+                    listener_failures += 1;
+                    listener_rests_until =
+                        tokio::time::Instant::now() + self.backoff.delay(listener_failures);
+                    listening = false;
+                }
+            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 // After a failure, new writes must not cut the backoff short.
                 () = self.signal.0.notified(), if consecutive_errors == 0 => {}
-                notified = next_notification(listener.as_mut()), if consecutive_errors == 0 => {
-                    if let Err(error) = notified {
-                        // PgListener reconnects by itself on the next call; poll meanwhile.
-                        tracing::warn!(%error, "outbox LISTEN connection lost");
-                        listener = None;
+                notified = next_notification(listener.as_mut()), if listening => match notified {
+                    Ok(()) => listener_failures = 0,
+                    Err(error) => {
+                        listener_failures += 1;
+                        let rest = self.backoff.delay(listener_failures);
+                        tracing::warn!(%error, retry_in_ms = rest.as_millis() as u64, "outbox LISTEN connection lost; polling meanwhile");
+                        listener_rests_until = tokio::time::Instant::now() + rest;
                     }
-                }
+                },
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -328,7 +364,8 @@ impl OutboxRelay {
     }
 }
 
-/// The next NOTIFY, or never when there is no listener.
+/// The next notification; while there is no listener, never. A lost connection is
+/// reconnected by the next call (`PgListener::recv`).
 async fn next_notification(listener: Option<&mut PgListener>) -> sqlx::Result<()> {
     match listener {
         Some(listener) => listener.recv().await.map(drop),

@@ -3,11 +3,13 @@
 //! gracefully: readiness goes down first, the server drains, then the workers stop.
 
 mod adapters;
+mod retention;
 mod supervise;
 
 pub use adapters::{
     delivery_policy, open_bus, open_database, open_documents, open_users, refuse_traps,
 };
+pub use retention::Retention;
 pub use supervise::supervise;
 
 use adapters::open_cache;
@@ -92,6 +94,7 @@ pub struct Application {
     _sqlite_locks: Vec<std::fs::File>,
     enrichment: Enrichment,
     relay: Arc<OutboxRelay>,
+    retention: Arc<Retention>,
     bus: Bus,
     metrics: Arc<Metrics>,
 }
@@ -176,6 +179,14 @@ impl Application {
             Duration::from_millis(settings.outbox.poll_interval_ms),
         ));
 
+        let retention = Arc::new(Retention {
+            db: database.clone(),
+            bus: bus.event_bus(),
+            users: users.clone(),
+            metrics: metrics.clone(),
+            settings: settings.retention.clone(),
+        });
+
         let address = (settings.server.host.as_str(), settings.server.port);
         let listener = TcpListener::bind(address)
             .with_context(|| format!("cannot listen on {}:{}", address.0, address.1))?;
@@ -235,6 +246,7 @@ impl Application {
             _sqlite_locks: sqlite_locks,
             enrichment,
             relay,
+            retention,
             bus,
             metrics,
         })
@@ -251,6 +263,11 @@ impl Application {
 
     pub fn enrichment(&self) -> &Enrichment {
         &self.enrichment
+    }
+
+    /// The retention clean-up, for running a pass by hand.
+    pub fn retention(&self) -> Arc<Retention> {
+        self.retention.clone()
     }
 
     /// The outbox relay, for driving delivery step by step.
@@ -289,6 +306,17 @@ impl Application {
                 move || {
                     let (relay, stop) = (relay.clone(), stop.clone());
                     async move { relay.run(stop).await }
+                },
+            ));
+            let retention = self.retention.clone();
+            let stop = workers.clone();
+            tasks.spawn(supervise(
+                "retention",
+                self.process.clone(),
+                workers.clone(),
+                move || {
+                    let (retention, stop) = (retention.clone(), stop.clone());
+                    async move { retention.run(stop).await }
                 },
             ));
         }

@@ -187,6 +187,11 @@ impl Users {
         self.repository.count(selection).await
     }
 
+    /// Forgets the idempotency keys past their lifetime; returns how many.
+    pub async fn purge_expired_idempotency_keys(&self, batch: u32) -> Result<u64, sqlx::Error> {
+        self.repository.purge_expired_idempotency_keys(batch).await
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         self.repository.ping().await
     }

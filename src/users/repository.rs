@@ -161,6 +161,9 @@ pub trait UserRepository: Send + Sync {
     ) -> Result<(Option<Uuid>, u64), sqlx::Error>;
     /// How many users `selection` holds (for progress reports).
     async fn count(&self, selection: &Selection) -> Result<u64, sqlx::Error>;
+    /// Deletes the idempotency keys past their lifetime (each holds the response of
+    /// the create it guarded, personal data), `batch` per statement; returns how many.
+    async fn purge_expired_idempotency_keys(&self, batch: u32) -> Result<u64, sqlx::Error>;
     async fn ping(&self) -> Result<(), sqlx::Error>;
 }
 

@@ -487,6 +487,18 @@ impl UserRepository for SqlUserRepository {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    async fn purge_expired_idempotency_keys(&self, batch: u32) -> Result<u64, sqlx::Error> {
+        self.db
+            .delete_in_batches(
+                "idempotency_keys",
+                "scope, key",
+                "expires_at_ms <= $1",
+                now_ms(),
+                batch,
+            )
+            .await
+    }
+
     async fn ping(&self) -> Result<(), sqlx::Error> {
         self.db.ping().await
     }

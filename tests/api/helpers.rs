@@ -99,6 +99,7 @@ pub struct TestApp {
     /// A separate connection to the test's database, for inspection.
     pub db: Database,
     pub relay: Arc<OutboxRelay>,
+    pub retention: Arc<userhub::startup::Retention>,
     /// Set when the app uses the in-process bus (see [`TestApp::bus`]).
     pub in_process: Option<Arc<InProcessBus>>,
     pub handler: Arc<dyn EventHandler>,
@@ -418,6 +419,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
         .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let relay = app.relay();
+    let retention = app.retention();
     let in_process = app.in_process_bus();
     let handler = app.enrichment().handler();
     let shutdown = app.shutdown_token();
@@ -429,6 +431,7 @@ pub async fn spawn(options: Spawn) -> TestApp {
         api: Api::new(address),
         db,
         relay,
+        retention,
         in_process,
         handler,
         storage,

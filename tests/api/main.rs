@@ -26,6 +26,7 @@ mod proxy;
 mod rabbitmq_bus;
 mod rabbitmq_system;
 mod redis_cache;
+mod retention;
 #[allow(dead_code)] // until every service has its integration tests
 mod services;
 mod split;

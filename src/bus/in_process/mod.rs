@@ -273,6 +273,23 @@ impl EventBus for InProcessBus {
     async fn replay_all(&self, filter: &ReplayFilter) -> Result<u64, BusError> {
         self.replay_dead_letters(filter).await
     }
+
+    async fn purge_dead_letters(
+        &self,
+        died_before: chrono::DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, BusError> {
+        Ok(self
+            .db
+            .delete_in_batches(
+                "dead_letters",
+                "id",
+                "created_at < $1",
+                crate::db::DbTime(died_before),
+                batch,
+            )
+            .await?)
+    }
 }
 
 fn parse_message_id(raw: &str) -> Result<uuid::Uuid, BusError> {
