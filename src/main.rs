@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use std::time::Duration;
+use userhub::bus::ReplayFilter;
 use userhub::config::Settings;
 
 use chrono::{DateTime, Utc};
@@ -111,10 +112,21 @@ enum DlqCommand {
         #[arg(long)]
         after: Option<String>,
     },
-    /// Put a dead letter back on its queue with a fresh attempt count.
+    /// Put dead letters back on their queues with a fresh attempt count: one by id,
+    /// or every one (`--all`), optionally only of a queue or with an error text.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
     Replay {
         /// The dead letter's id, as `dlq list` shows it.
-        id: String,
+        id: Option<String>,
+        /// Every dead letter (narrowed by --queue and --error).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only the dead letters of this queue (e.g. enrichment.users).
+        #[arg(long, requires = "all")]
+        queue: Option<String>,
+        /// With --all: only those whose error contains this text.
+        #[arg(long, requires = "all")]
+        error: Option<String>,
     },
 }
 
@@ -195,9 +207,21 @@ async fn main() -> anyhow::Result<()> {
                         println!("{}", serde_json::to_string(&letter)?);
                     }
                 }
-                DlqCommand::Replay { id } => {
+                DlqCommand::Replay { id: Some(id), .. } => {
                     anyhow::ensure!(bus.replay(&id).await?, "no dead letter {id} to replay");
                     println!("replayed {id}");
+                }
+                DlqCommand::Replay {
+                    id: None,
+                    queue,
+                    error,
+                    ..
+                } => {
+                    let filter = ReplayFilter {
+                        queue,
+                        error_contains: error,
+                    };
+                    println!("replayed {}", bus.replay_all(&filter).await?);
                 }
             }
             Ok(())

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::bus::{BusError, DeadLetter, EventBus};
+use crate::bus::{BusError, DeadLetter, EventBus, ReplayFilter};
 use crate::users::{Selection, Users};
 use crate::web::problem::{ApiError, ApiResult, Problem};
 use crate::web::{RequestId, page_size};
@@ -17,6 +17,7 @@ const MAX_PAGE: u32 = 500;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/admin/dead-letters").get(list_dead_letters))
+        .service(web::resource("/admin/dead-letters/replay").post(replay_dead_letters))
         .service(web::resource("/admin/dead-letters/{id}/replay").post(replay_dead_letter))
         .service(web::resource("/admin/reenrich").post(reenrich));
 }
@@ -194,4 +195,38 @@ pub async fn replay_dead_letter(
     } else {
         Err(ApiError::NotFound(format!("No dead letter {id} to replay")))
     }
+}
+
+/// How many dead letters a bulk replay queued again.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"replayed": 1200}))]
+pub struct BulkReplayResponse {
+    replayed: u64,
+}
+
+/// Replay dead letters in bulk: every one, or those of a queue, or those whose error
+/// contains a text (`{}` takes them all).
+///
+/// After an outage, or once the bug that killed them is fixed. One pass in the bus
+/// (set-based on the in-process bus); each is queued again with a fresh attempt count.
+#[utoipa::path(
+    post,
+    path = "/admin/dead-letters/replay",
+    tag = "admin",
+    request_body(content = ReplayFilter, example = json!({"queue": "enrichment.users", "error_contains": "timed out"})),
+    responses(
+        (status = 202, description = "Queued again; they will be delivered shortly", body = BulkReplayResponse),
+        (status = 400, description = "Not a filter", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The bus is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn replay_dead_letters(
+    bus: web::Data<dyn EventBus>,
+    filter: web::Json<ReplayFilter>,
+) -> ApiResult<HttpResponse> {
+    let replayed = bus.replay_all(&filter).await?;
+    tracing::info!(replayed, filter = ?filter.0, "dead letters replayed in bulk");
+    Ok(HttpResponse::Accepted().json(BulkReplayResponse { replayed }))
 }

@@ -32,6 +32,7 @@ use crate::{enrichment, users};
         enrichment::routes::get_enriched_profile,
         admin::list_dead_letters,
         admin::replay_dead_letter,
+        admin::replay_dead_letters,
         admin::reenrich,
         health::health,
         health::ready,

@@ -51,6 +51,7 @@ fn protected_routes() -> Vec<(Method, String, &'static str)> {
             format!("/admin/dead-letters/{NIL}/replay"),
             "admin",
         ),
+        (Method::POST, "/admin/dead-letters/replay".into(), "admin"),
         (Method::POST, "/admin/reenrich".into(), "admin"),
     ]
 }

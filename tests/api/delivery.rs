@@ -485,3 +485,66 @@ async fn a_store_outage_pauses_the_consumer_and_loses_no_message_to_the_dead_let
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn dead_letters_are_replayed_in_bulk_by_filter() {
+    let (app, store) = spawn_with_store().await;
+    store.fail_next_upserts(u32::MAX);
+    let mut uuids = Vec::new();
+    for i in 0..3 {
+        let user = app
+            .create_user(&format!("Bulk User{i}"), &format!("bulk{i}@example.com"))
+            .await;
+        uuids.push(user["uuid"].as_str().unwrap().to_owned());
+    }
+    let poison = Envelope::new("user.created", "{not json".into(), Default::default());
+    app.bus().publish(&poison).await.unwrap();
+    app.relay.drain().await.unwrap();
+    let mut dead = 0;
+    while dead < 4 {
+        if let Outcome::DeadLettered { .. } = next_outcome(&app).await {
+            dead += 1;
+        }
+    }
+
+    let post = |body: Value| {
+        let app = &app;
+        async move {
+            app.client
+                .post(app.url("/admin/dead-letters/replay"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_problem(
+        post(serde_json::json!({"queue": BINDING.queue, "eror": "typo"})).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let none = post(serde_json::json!({"queue": "no.such.queue"})).await;
+    assert_eq!(none.status(), StatusCode::ACCEPTED);
+    assert_eq!(none.json::<Value>().await.unwrap()["replayed"], 0);
+
+    store.fail_next_upserts(0);
+    let replayed = post(serde_json::json!({"error_contains": "upsert refused"})).await;
+    assert_eq!(replayed.status(), StatusCode::ACCEPTED);
+    assert_eq!(replayed.json::<Value>().await.unwrap()["replayed"], 3);
+    for _ in 0..3 {
+        assert_eq!(next_outcome(&app).await, Outcome::Acked);
+    }
+    for uuid in &uuids {
+        app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    }
+    let left: Vec<Value> = app.get_json("/admin/dead-letters").await;
+    assert_eq!(
+        left.len(),
+        1,
+        "the malformed message was not chosen: {left:?}"
+    );
+    assert!(left[0]["error"].as_str().unwrap().contains("malformed"));
+
+    let all = post(serde_json::json!({})).await;
+    assert_eq!(all.json::<Value>().await.unwrap()["replayed"], 1);
+}
