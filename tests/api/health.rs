@@ -185,6 +185,13 @@ async fn metrics_count_requests_per_route_deliveries_cache_and_backlog() {
     let user = app.create_user("Ada Lovelace", "ada@example.com").await;
     let uuid = user["uuid"].as_str().unwrap();
     app.wait_for_ok(&format!("/users/enriched/{uuid}")).await;
+    // The profile is readable a moment before the consumer counts the delivery.
+    crate::helpers::eventually("the delivery is counted", async || {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        text.contains(r#"userhub_deliveries_total{outcome="ok",queue="enrichment.users"} 1"#)
+            .then_some(())
+    })
+    .await;
     app.get(&format!("/api/users/{uuid}")).await;
     app.get(&format!("/api/users/{uuid}")).await;
 

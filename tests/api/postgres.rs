@@ -161,6 +161,32 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
     create_users(&pool, 1..2).await;
     let took = wait_for(2).await;
     assert!(took < Duration::from_secs(5), "woken after {took:?}");
+
+    // The LISTEN connection dies (a failover, an idle-connection reaper): the relay
+    // listens again on a new one, and is still woken at once.
+    const LISTENER: &str = "SELECT pid FROM pg_stat_activity
+                             WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    let pid: i32 = sqlx::query_scalar(LISTENER).fetch_one(&pool).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let pids: Vec<i32> = sqlx::query_scalar(LISTENER).fetch_all(&pool).await.unwrap();
+        if pids.iter().any(|p| *p != pid) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the relay did not listen again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    create_users(&pool, 2..3).await;
+    let took = wait_for(3).await;
+    assert!(took < Duration::from_secs(5), "woken after {took:?}");
     shutdown.cancel();
     running.await.unwrap();
     pool.close().await;

@@ -117,3 +117,170 @@ async fn userhub_reenrich_rebuilds_a_lost_profile_store() {
         .unwrap();
     assert!(!refused.status.success(), "a selection is required");
 }
+
+/// Runs the binary's `probe` against `port`; true when it exits 0.
+fn probe(port: u16, path: &str) -> bool {
+    std::process::Command::new(env!("CARGO_BIN_EXE_userhub"))
+        .args(["probe", "--path", path])
+        .env("APP_ENV", "test")
+        .env("APP__SERVER__PORT", port.to_string())
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn sqlite_env(dir: &tempfile::TempDir) -> Vec<(&'static str, String)> {
+    let url = format!("sqlite://{}", dir.path().join("userhub.db").display());
+    vec![
+        ("APP__DATABASE__URL", url.clone()),
+        ("APP__DOCUMENTS__URL", url),
+    ]
+}
+
+/// After SIGTERM, readiness answers 503 `draining` for `server.drain_secs` while
+/// requests are still served, so a load balancer stops sending them before the server
+/// stops accepting; then it stops cleanly. `userhub probe` (the container's health
+/// check) sees both.
+#[tokio::test]
+async fn sigterm_first_drains_then_stops() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut env = sqlite_env(&dir);
+    env.push(("APP__SERVER__DRAIN_SECS", "3".into()));
+    let mut process = Process::start("api,relay,worker", &env);
+    process.wait_until_ready().await;
+    let port = process.port();
+    assert!(probe(port, "/health"), "alive");
+    assert!(probe(port, "/health/ready"), "ready");
+
+    let pid = process.child.id().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let started = Instant::now();
+    loop {
+        let response = process.api.get("/health/ready").await;
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["status"], "draining", "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "never draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still serving, and alive: only readiness is down.
+    process
+        .api
+        .create_user("Late Arrival", "late@example.com")
+        .await;
+    assert!(probe(port, "/health"), "alive while draining");
+    assert!(!probe(port, "/health/ready"), "not ready while draining");
+
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still running after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "stopped before the drain period"
+    );
+    assert!(!probe(port, "/health"), "gone");
+}
+
+/// SQLite is for one process: a second server on the same file refuses to start
+/// instead of sharing it (two relays, two consumers on one embedded bus).
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_file_refuses_to_start() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut env = sqlite_env(&dir);
+    // The lock is taken in production only: tests and development may share a file.
+    env.extend([
+        ("APP_ENV", "production".to_string()),
+        ("APP__SERVER__HOST", "127.0.0.1".to_string()),
+        ("APP__SERVER__DRAIN_SECS", "0".to_string()),
+        (
+            "APP__AUTH__HS256_SECRET",
+            "a-production-secret-of-at-least-32-bytes".to_string(),
+        ),
+        (
+            "APP__CONSOLE__SESSION_KEY",
+            "a-production-session-key-of-at-least-32-bytes".to_string(),
+        ),
+    ]);
+    let first = Process::start("api,relay,worker", &env);
+    first.wait_until_ready().await;
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_userhub"))
+        .args(["serve"])
+        .env("APP__SERVER__PORT", "0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another userhub process serves the SQLite database"),
+        "{stderr}"
+    );
+    // The first one is untouched.
+    first.wait_until_ready().await;
+}
+
+/// Store URLs can come from files (secrets mounted by Kubernetes or compose), never
+/// from the environment, where they would show in `ps e` and crash dumps.
+#[tokio::test]
+async fn store_urls_are_read_from_files() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("userhub.db").display());
+    let secret = dir.path().join("database-url");
+    std::fs::write(&secret, format!("{url}\n")).unwrap();
+    let path = secret.display().to_string();
+    let process = Process::start(
+        "api,relay,worker",
+        &[
+            (
+                "APP__DATABASE__URL",
+                "postgres://nobody@127.0.0.1:1/wrong".into(),
+            ),
+            ("APP__DATABASE__URL_FILE", path.clone()),
+            ("APP__DOCUMENTS__URL_FILE", path),
+        ],
+    );
+    process.wait_until_ready().await;
+    let user = process
+        .api
+        .create_user("Ada Lovelace", "ada@example.com")
+        .await;
+    process
+        .api
+        .wait_for_ok(&format!(
+            "/users/enriched/{}",
+            user["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert!(
+        dir.path().join("userhub.db").exists(),
+        "the file's URL was used"
+    );
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_userhub"))
+        .args(["serve"])
+        .env("APP_ENV", "test")
+        .env(
+            "APP__DATABASE__URL_FILE",
+            dir.path().join("nope").display().to_string(),
+        )
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("database.url_file"), "{stderr}");
+}

@@ -61,6 +61,16 @@ impl Process {
         Self { child, api, log }
     }
 
+    /// The port the process serves on.
+    pub(crate) fn port(&self) -> u16 {
+        self.api
+            .address
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("the API address ends with its port")
+    }
+
     pub(crate) async fn wait_until_ready(&self) {
         let started = Instant::now();
         loop {
