@@ -27,10 +27,10 @@ cd "$root"
 # shellcheck source=scripts/docker-engine.sh
 source "$root/scripts/docker-engine.sh"
 
-# How readiness is checked. `curl` from the host until `userhub probe` exists; then set
-# this to `probe` (runs `userhub probe --path /health/ready` inside the container, and the
-# image's HEALTHCHECK must then report "healthy").
-readiness_check=curl
+# How readiness is checked: `probe` runs `userhub probe --path /health/ready` inside the
+# container (no shell or curl in the image), and the image's HEALTHCHECK must then report
+# "healthy"; `curl` asks from the host instead.
+readiness_check="${USERHUB_READINESS_CHECK:-probe}"
 
 image="${USERHUB_TEST_IMAGE:-userhub-local/userhub:container-test}"
 max_image_bytes=$((40 * 1000 * 1000))

@@ -690,15 +690,27 @@ async fn production_has_no_development_sign_in() {
 
 #[tokio::test]
 async fn production_refuses_the_development_session_key_and_short_ones() {
+    // With no HS256 secret to derive it from (tokens from an OIDC provider only).
     let error = start_error(|settings| {
         settings.environment = "production".into();
         settings.console.session_key = DEVELOPMENT_CONSOLE_SESSION_KEY.into();
+        settings.auth.hs256_secret = String::new().into();
+        settings.auth.jwks_url = "http://127.0.0.1:9/jwks".into();
     })
     .await;
     assert!(
         error.contains("console.session_key is the development key"),
         "{error}"
     );
+    // With one, the key is derived from it: the start goes on (and fails later, on
+    // the database).
+    let error = start_error(|settings| {
+        settings.environment = "production".into();
+        settings.console.session_key = DEVELOPMENT_CONSOLE_SESSION_KEY.into();
+        settings.database.url = "nosuch://x".to_owned().into();
+    })
+    .await;
+    assert!(error.contains("database.url"), "{error}");
     let error = start_error(|settings| {
         settings.environment = "production".into();
         settings.console.session_key = "short".into();

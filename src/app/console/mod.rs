@@ -61,16 +61,19 @@ impl Console {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let console = &settings.console;
-        let key = console.session_key().await?;
-        let key = key.expose_secret();
-        if settings.is_production() {
-            ensure!(
-                key != DEVELOPMENT_CONSOLE_SESSION_KEY,
+        let mut key = console.session_key().await?;
+        if settings.is_production() && key.expose_secret() == DEVELOPMENT_CONSOLE_SESSION_KEY {
+            // Unset in production: the cookie key is derived from the HS256 secret (the
+            // one secret a single container needs). The derivation (HKDF, in
+            // `Key::derive_from`) keeps the two keys apart: a cookie key reveals nothing
+            // of the token secret.
+            key = settings.auth.hs256_secret().await?.context(
                 "console.session_key is the development key, refused when \
                  APP_ENV=production: set APP__CONSOLE__SESSION_KEY or \
-                 APP__CONSOLE__SESSION_KEY_FILE"
-            );
+                 APP__CONSOLE__SESSION_KEY_FILE (or an HS256 secret to derive it from)",
+            )?;
         }
+        let key = key.expose_secret();
         // Also outside production: the cookie key is derived from it with HKDF, which
         // needs 32 bytes of input.
         ensure!(
