@@ -16,17 +16,7 @@ async fn sigterm_stops_the_server_and_its_workers_cleanly() {
         ],
     );
     process.wait_until_ready().await;
-    let user = process
-        .api
-        .create_user("Ada Lovelace", "ada@example.com")
-        .await;
-    process
-        .api
-        .wait_for_ok(&format!(
-            "/users/enriched/{}",
-            user["uuid"].as_str().unwrap()
-        ))
-        .await;
+    create_an_enriched_user(&process).await;
 
     let pid = process.child.id().to_string();
     let signalled = std::process::Command::new("kill")
@@ -255,17 +245,7 @@ async fn store_urls_are_read_from_files() {
         ],
     );
     process.wait_until_ready().await;
-    let user = process
-        .api
-        .create_user("Ada Lovelace", "ada@example.com")
-        .await;
-    process
-        .api
-        .wait_for_ok(&format!(
-            "/users/enriched/{}",
-            user["uuid"].as_str().unwrap()
-        ))
-        .await;
+    create_an_enriched_user(&process).await;
     assert!(
         dir.path().join("userhub.db").exists(),
         "the file's URL was used"
@@ -283,4 +263,17 @@ async fn store_urls_are_read_from_files() {
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.contains("database.url_file"), "{stderr}");
+}
+
+/// Creates a user through `process` and waits until its profile is enriched.
+async fn create_an_enriched_user(process: &Process) {
+    let user = process
+        .api
+        .create_user("Ada Lovelace", "ada@example.com")
+        .await;
+    let uuid = user["uuid"].as_str().unwrap();
+    process
+        .api
+        .wait_for_ok(&format!("/users/enriched/{uuid}"))
+        .await;
 }
