@@ -37,11 +37,12 @@ RUN mkdir -p src \
     && cargo build --release --locked \
     && rm -rf src
 
-# 2. The service itself. The binary embeds config/default.toml and the migrations.
-#    `touch`: the copied sources may be older than the placeholder build, and cargo
-#    compares modification times.
+# 2. The service itself. The binary embeds config/default.toml, the migrations and the
+#    console's templates. `touch`: the copied sources may be older than the placeholder
+#    build, and cargo compares modification times.
 COPY config config
 COPY migrations migrations
+COPY templates templates
 COPY src src
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin userhub \
