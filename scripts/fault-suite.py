@@ -608,6 +608,7 @@ class Suite:
             "APP__WORKER__MAX_ATTEMPTS": "5",
             "APP__WORKER__BACKOFF_BASE_MS": "500",
             "APP__WORKER__BACKOFF_MAX_MS": "5000",
+            "APP__WORKER__HANDLER_TIMEOUT_MS": "10000",
             "APP__DOCUMENTS__BREAKER_COOL_DOWN_MS": "1000",
             "APP__SERVER__READINESS_CACHE_MS": "0",
         })
@@ -743,7 +744,9 @@ class Suite:
         self.proxy.up()
 
     def docstore_down(self) -> None:
-        self.mongo.stop()
+        # Stopped before the load starts (see run): the stand-in runs in memory, so
+        # profiles written before it went down would be gone after its restart (a real
+        # MongoDB keeps them).
         time.sleep(self.args.docstore_down)  # the fault itself
         self.mongo.start()
 
@@ -752,14 +755,19 @@ class Suite:
         time.sleep(self.args.redis_down)  # the fault itself
         self.redis.start()
 
-    def run_phase(self, fault: str, inject, allowed_5xx: bool, warm_up: float) -> Phase:
+    def run_phase(self, fault: str, inject, allowed_5xx: bool, warm_up: float,
+                  before_load=None) -> Phase:
         phase = Phase(fault, allowed_5xx)
         self.phases.append(phase)
         say(f"{fault}: start")
         dead_before = self.dead_letter_count()
+        if before_load is not None:
+            phase.fault_start = time.time()
+            before_load()
         self.load.start(phase)
         time.sleep(warm_up)  # load before the fault
-        phase.fault_start = time.time()
+        if before_load is None:
+            phase.fault_start = time.time()
         try:
             inject()
         finally:
@@ -807,19 +815,22 @@ class Suite:
         self.setup()
         a = self.args
         faults = [
-            ("api kill -9", self.kill_api, True, a.warm_up),
-            ("worker kill -9", self.kill_worker, False, a.warm_up),
-            ("postgres restart", self.restart_postgres, True, a.warm_up),
-            (f"broker cut {a.broker_down:.0f}s", self.cut_broker, False, a.warm_up),
-            # No warm-up: the stand-in runs in memory, so profiles written before it went
-            # down would be gone after its restart (a real MongoDB keeps them).
-            (f"docstore down {a.docstore_down:.0f}s", self.docstore_down, False, 0.0),
-            (f"redis down {a.redis_down:.0f}s", self.redis_down, False, a.warm_up),
+            ("api kill -9", self.kill_api, True, a.warm_up, None),
+            ("worker kill -9", self.kill_worker, False, a.warm_up, None),
+            ("postgres restart", self.restart_postgres, True, a.warm_up, None),
+            (f"broker cut {a.broker_down:.0f}s", self.cut_broker, False, a.warm_up, None),
+            # Down before the load starts: the stand-in runs in memory, so profiles written
+            # before it went down would be gone after its restart (a real MongoDB keeps
+            # them). After the worker kill on purpose: the restarted stand-in has lost
+            # the unique index on uuid that the worker makes once per process.
+            (f"docstore down {a.docstore_down:.0f}s", self.docstore_down, False, 0.0,
+             self.mongo.stop),
+            (f"redis down {a.redis_down:.0f}s", self.redis_down, False, a.warm_up, None),
         ]
-        for fault, inject, allowed, warm_up in faults:
+        for fault, inject, allowed, warm_up, before_load in faults:
             if a.only and not any(o in fault for o in a.only):
                 continue
-            self.run_phase(fault, inject, allowed, warm_up)
+            self.run_phase(fault, inject, allowed, warm_up, before_load)
         print("\nfault suite summary (5xx and connection errors on POST are expected only "
               "for the api kill and the PostgreSQL restart)", flush=True)
         print(self.table(), flush=True)
