@@ -166,15 +166,19 @@ impl RabbitBus {
             .await?;
             tracing::info!(queue = %queue.work, concurrency, "consuming");
             let mut in_flight = FuturesUnordered::new();
-            loop {
+            let stopped = loop {
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break Ok(Stopped::Shutdown),
                     () = self.shared.stop.cancelled() => break Ok(Stopped::Shutdown),
                     Some(settled) = in_flight.next(), if !in_flight.is_empty() => {
+                        let settled = match settled {
+                            Ok(settled) => settled,
+                            Err(error) => break Err(error),
+                        };
                         // A message sent back because a dependency is down: stop
                         // taking more until it is back.
-                        if let Outcome::Requeued = settled?
+                        if let Outcome::Requeued = settled
                             && let Some(wait) = handler.pause().await
                         {
                             break Ok(Stopped::Paused(wait));
@@ -191,7 +195,18 @@ impl RabbitBus {
                         None => break Err(unavailable("the broker cancelled the consumer")),
                     },
                 }
+            };
+            // Messages already being handled are let finish (each within the handler
+            // timeout), not dropped halfway: a handler cancelled after its store write
+            // would skip what follows it (the cache update, the `profile enriched` log)
+            // and its redelivery then finds the write already done. Their settling may
+            // fail on a broken channel; they come back and are recognised as repeats.
+            while let Some(settled) = in_flight.next().await {
+                if let Err(error) = settled {
+                    tracing::debug!(%error, "an in-flight message was not settled");
+                }
             }
+            stopped
         }
         .await;
         // Closing the channel hands prefetched, unacknowledged messages back to the queue.
