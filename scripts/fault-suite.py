@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fault suite of issue 8: userhub under the faults production brings.
+"""The fault suite: userhub under the faults production brings.
 
 Starts private dependencies it can stop and start (a PostgreSQL cluster made by initdb
 in a temporary folder, a redis-server, the MongoDB stand-in SecantusDB, the machine's
