@@ -34,7 +34,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --profile dist --locked \
     && rm -rf src
 
 # 2. The service itself. The binary embeds config/default.toml, the migrations and the
@@ -45,9 +45,9 @@ COPY migrations migrations
 COPY templates templates
 COPY src src
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin userhub \
+    && cargo build --profile dist --locked --bin userhub \
     && mkdir -p /out/data \
-    && cp target/release/userhub /out/userhub
+    && cp target/dist/userhub /out/userhub
 
 # ---------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE}
