@@ -6,7 +6,10 @@
 #   BENCH_QUICK=1 scripts/bench.sh           3 s a path
 #   BENCH_GUARD=1 scripts/bench.sh           exit 3 when a ratio is below half its goal
 #                                            (BENCH_GUARD_SKIP=key,… leaves rows out)
-#   BENCH_PROFILE=debug scripts/bench.sh     the debug binaries (no release build)
+#   BENCH_PROFILE=debug scripts/bench.sh     the debug binaries (no release build);
+#                                            BENCH_GOAL_SCALE=0.4 scales the guarded goals
+#   BENCH_KEEP=1                             keep target/bench/run-*/ (logs, wrk output)
+#   BENCH_ENRICH_LIMIT=SECONDS               longest wait for the enrichment backlog
 #
 # Paths, each with `wrk -t2 -c64 -d$DURATION` (APP_ENV=production settings, rate limits
 # off, one admin bearer token):
