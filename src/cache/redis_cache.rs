@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, FromRedisValue};
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{Cache, CachePolicy};
 use crate::resilience::{BreakerPolicy, BreakerState, CircuitBreaker};
@@ -48,7 +48,13 @@ enum CallError {
 }
 
 pub struct RedisCache {
-    pool: Pool,
+    client: redis::Client,
+    /// One multiplexed connection shared by every call (commands are pipelined on it,
+    /// so no call waits for a free connection); `None` until the first call and after
+    /// a failure, when the next call opens a new one.
+    connection: std::sync::RwLock<Option<MultiplexedConnection>>,
+    /// Held while opening a connection, so that a burst of calls opens one.
+    connecting: tokio::sync::Mutex<()>,
     policy: CachePolicy,
     key_prefix: String,
     timeout: Duration,
@@ -69,33 +75,24 @@ impl std::fmt::Debug for RedisCache {
 }
 
 impl RedisCache {
-    /// Prepares a pool without connecting: connections are opened on first use, so the
-    /// service starts while Redis is down. Fails only on a malformed URL. Every Redis
-    /// call (taking a connection and running the command) is bounded by `timeout`; the
-    /// breaker uses [`BreakerPolicy::default`] until [`RedisCache::with_breaker`].
+    /// Prepares a client without connecting: the connection is opened on first use,
+    /// so the service starts while Redis is down. Fails only on a malformed URL. Every
+    /// Redis call (opening the connection when needed and running the command) is
+    /// bounded by `timeout`; the breaker uses [`BreakerPolicy::default`] until
+    /// [`RedisCache::with_breaker`].
     pub fn connect(
         url: &str,
         policy: CachePolicy,
         key_prefix: &str,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut config = deadpool_redis::Config::from_url(url);
-        config.pool = Some(PoolConfig {
-            // The outer timeout bounds the whole call; these stop deadpool itself from
-            // waiting longer on a slot, a new connection or a recycle check.
-            timeouts: Timeouts {
-                wait: Some(timeout),
-                create: Some(timeout),
-                recycle: Some(timeout),
-            },
-            ..PoolConfig::default()
-        });
         // The error names what is wrong without echoing the URL and its password.
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|error| anyhow!("cache.url is not a usable Redis URL: {error}"))?;
+        let client = redis::Client::open(url)
+            .map_err(|error| anyhow!("cache.url is not a usable Redis URL: {:?}", error.kind()))?;
         Ok(Self {
-            pool,
+            client,
+            connection: std::sync::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             policy,
             key_prefix: key_prefix.to_owned(),
             timeout,
@@ -129,6 +126,38 @@ impl RedisCache {
         self.breaker.clone()
     }
 
+    fn current(&self) -> Option<MultiplexedConnection> {
+        self.connection
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_current(&self, connection: Option<MultiplexedConnection>) {
+        *self
+            .connection
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
+    }
+
+    /// The shared connection, opened first when there is none.
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let _opening = self.connecting.lock().await;
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let connection = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.set_current(Some(connection.clone()));
+        Ok(connection)
+    }
+
     fn stored_key(&self, key: &str) -> String {
         format!("{}{key}", self.key_prefix)
     }
@@ -147,13 +176,17 @@ impl RedisCache {
             return Err(CallError::ShortCircuited);
         };
         let outcome = tokio::time::timeout(self.timeout, async {
-            let mut connection = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut connection = self.connection().await?;
             cmd.query_async::<T>(&mut connection)
                 .await
                 .map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
+        if outcome.is_err() {
+            // A dead or silent connection is replaced by the next call, not reused.
+            self.set_current(None);
+        }
         match outcome {
             Ok(value) => {
                 permit.success();
