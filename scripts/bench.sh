@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark of issue 10: userhub's hot paths next to their ceilings, measured in the
+# The benchmark: userhub's hot paths next to their ceilings, measured in the
 # same run on the same machine, as a markdown table of ratios.
 #
 #   scripts/bench.sh                         10 s a path (DURATION=30s for longer)
