@@ -22,6 +22,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/reenrich").post(reenrich));
 }
 
+/// A JSON body that must be an object.
+type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Reads `T` from a JSON object. Taking the body as an object first refuses arrays,
+/// which serde would otherwise read as a struct's fields in order (`[null, null]`).
+fn from_object<T: serde::de::DeserializeOwned>(body: JsonObject) -> ApiResult<T> {
+    serde_json::from_value(serde_json::Value::Object(body)).map_err(|error| {
+        ApiError::BadRequest(format!("The JSON body has the wrong shape: {error}"))
+    })
+}
+
 /// Users republished per transaction.
 const REENRICH_PAGE: u32 = 500;
 /// Most uuids one request may name (250 of them fit in the body limit of 16 KiB).
@@ -90,9 +101,9 @@ pub struct ReenrichResponse {
 pub async fn reenrich(
     users: web::Data<Users>,
     request_id: RequestId,
-    body: web::Json<ReenrichRequest>,
+    body: web::Json<JsonObject>,
 ) -> ApiResult<HttpResponse> {
-    let selection = match body.into_inner() {
+    let selection = match from_object::<ReenrichRequest>(body.into_inner())? {
         ReenrichRequest::All(ReenrichAll { all: true }) => Selection::All,
         ReenrichRequest::All(ReenrichAll { all: false }) => Selection::Some(Vec::new()),
         ReenrichRequest::Since(ReenrichSince { since }) => Selection::Since(since),
@@ -224,9 +235,10 @@ pub struct BulkReplayResponse {
 )]
 pub async fn replay_dead_letters(
     bus: web::Data<dyn EventBus>,
-    filter: web::Json<ReplayFilter>,
+    body: web::Json<JsonObject>,
 ) -> ApiResult<HttpResponse> {
+    let filter: ReplayFilter = from_object(body.into_inner())?;
     let replayed = bus.replay_all(&filter).await?;
-    tracing::info!(replayed, filter = ?filter.0, "dead letters replayed in bulk");
+    tracing::info!(replayed, ?filter, "dead letters replayed in bulk");
     Ok(HttpResponse::Accepted().json(BulkReplayResponse { replayed }))
 }

@@ -523,6 +523,12 @@ async fn dead_letters_are_replayed_in_bulk_by_filter() {
         StatusCode::BAD_REQUEST,
     )
     .await;
+    // An array is not a filter, though serde would read the struct's fields from one.
+    assert_problem(
+        post(serde_json::json!([null, null])).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let none = post(serde_json::json!({"queue": "no.such.queue"})).await;
     assert_eq!(none.status(), StatusCode::ACCEPTED);
     assert_eq!(none.json::<Value>().await.unwrap()["replayed"], 0);

@@ -516,6 +516,8 @@ async fn reenrich_rebuilds_lost_profiles_from_the_users() {
         json!({}),
         json!({"all": true, "uuids": []}),
         json!({"since": "yesterday"}),
+        // An array is not an object, though serde would read a struct from one.
+        json!([true]),
     ] {
         let status = app.post_json("/admin/reenrich", &bad).await.status();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
