@@ -40,6 +40,11 @@ UPDATE bus_messages AS m
 RETURNING m.message_id, m.routing_key, m.payload, m.headers, m.occurred_at, m.attempts,
           m.lease";
 
+/// Removes a message from its queue (acknowledged, or moved to the dead letters), only
+/// while the given lease still holds it: a worker whose lease ran out settles nothing.
+const DELETE_UNDER_LEASE: &str =
+    "DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2 AND lease = $3";
+
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
     message_id: String,
@@ -173,15 +178,13 @@ impl InProcessBus {
             let mut outcomes = Vec::with_capacity(done.len());
             for claimed in done {
                 let envelope = &claimed.envelope;
-                let deleted = sqlx::query(
-                    "DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2 AND lease = $3",
-                )
-                .bind(binding.queue)
-                .bind(envelope.id.to_string())
-                .bind(claimed.lease)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let deleted = sqlx::query(DELETE_UNDER_LEASE)
+                    .bind(binding.queue)
+                    .bind(envelope.id.to_string())
+                    .bind(claimed.lease)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
                 if deleted == 0 {
                     tracing::warn!(message_id = %envelope.id, "lease lost before the acknowledgement; the message's new holder settles it");
                     outcomes.push(Outcome::LeaseLost);
@@ -300,15 +303,13 @@ impl InProcessBus {
             .map_err(|e| BusError::Corrupt(e.to_string()))?;
         let moved = with_pool!(&self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let deleted = sqlx::query(
-                "DELETE FROM bus_messages WHERE queue = $1 AND message_id = $2 AND lease = $3",
-            )
-            .bind(binding.queue)
-            .bind(envelope.id.to_string())
-            .bind(claimed.lease)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let deleted = sqlx::query(DELETE_UNDER_LEASE)
+                .bind(binding.queue)
+                .bind(envelope.id.to_string())
+                .bind(claimed.lease)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if deleted == 0 {
                 false
             } else {
