@@ -180,7 +180,8 @@ pub struct Readiness {
     /// A result is reused for this long, so a flood of probes does not reach the
     /// backends (one check at a time; the others wait for it).
     pub reuse_for: Duration,
-    pub last: Arc<tokio::sync::Mutex<Option<(Instant, Report)>>>,
+    /// The last dependency checks and when they were made.
+    pub last: Arc<tokio::sync::Mutex<Option<(Instant, Checks)>>>,
 }
 
 /// One readiness result.
@@ -190,8 +191,11 @@ pub struct Report {
     pub ready: bool,
     pub draining: bool,
     pub tasks_down: Vec<&'static str>,
-    pub checks: BTreeMap<&'static str, DependencyCheck>,
+    pub checks: Checks,
 }
+
+/// Each dependency's check, by name.
+pub type Checks = BTreeMap<&'static str, DependencyCheck>;
 
 impl Readiness {
     /// The current report: reused when younger than `reuse_for`, else checked anew,
@@ -200,18 +204,10 @@ impl Readiness {
         let checks = {
             let mut last = self.last.lock().await;
             match &*last {
-                Some((at, report)) if at.elapsed() < self.reuse_for => report.checks.clone(),
+                Some((at, checks)) if at.elapsed() < self.reuse_for => checks.clone(),
                 _ => {
                     let checks = self.check_dependencies().await;
-                    *last = Some((
-                        Instant::now(),
-                        Report {
-                            ready: false,
-                            draining: false,
-                            tasks_down: Vec::new(),
-                            checks: checks.clone(),
-                        },
-                    ));
+                    *last = Some((Instant::now(), checks.clone()));
                     checks
                 }
             }
@@ -229,7 +225,7 @@ impl Readiness {
         }
     }
 
-    async fn check_dependencies(&self) -> BTreeMap<&'static str, DependencyCheck> {
+    async fn check_dependencies(&self) -> Checks {
         let required = self.required;
         let (database, documents, bus, cache) = tokio::join!(
             check("database", required.database, self.users.ping()),
