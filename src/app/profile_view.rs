@@ -108,7 +108,8 @@ pub struct UserProfileResponse {
     pub enrichment: EnrichmentView,
 }
 
-/// Get a user with the state of its enrichment (`pending`, `completed`, `failed`).
+/// Get a user with the state of its enrichment (`pending`, `completed`, `failed`,
+/// `unavailable`).
 #[utoipa::path(
     get,
     path = "/api/users/{uuid}/profile",
