@@ -312,11 +312,10 @@ fn postgres_pool(settings: &DatabaseSettings) -> PgPoolOptions {
         .acquire_timeout(settings.acquire_timeout())
 }
 
-/// Opens a SQLite pool, creating the file and its folder if needed. WAL lets readers
-/// run beside the single writer; the busy timeout makes writers queue instead of
-/// failing with "database is locked". `synchronous = FULL`: a commit is on disk (the
-/// WAL synced) before it returns, so a 201 survives a power cut, as the README
-/// promises.
+/// Opens a SQLite pool, creating the file and its folder if needed. `synchronous =
+/// FULL`: a commit is on disk (the WAL synced) before it returns, so a 201 survives a
+/// power cut, as the README promises. The pool holds one connection (see
+/// [`sqlite_pool`]).
 pub async fn connect_sqlite(url: &str, settings: &DatabaseSettings) -> anyhow::Result<SqlitePool> {
     let options = sqlite_options(url)?;
     let folder = options.get_filename().parent();
@@ -335,9 +334,18 @@ fn sqlite_options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
         .foreign_keys(true))
 }
 
+/// One connection, whatever `database.max_connections` says. SQLite has a single
+/// writer; with several connections, the ones that find it busy sleep in SQLite's busy
+/// handler (1, 2, 5, … up to 100 ms a retry) and whoever retries at the right moment
+/// wins. Under a `POST` load that made the p99 774 ms and starved the bus's own writes
+/// (claims, acknowledgements, profiles), so enrichment fell minutes behind. One
+/// connection queues every statement in arrival order in the pool instead, never
+/// sleeps, and costs reads little: they take microseconds, and WAL's concurrent readers
+/// would only help reads longer than the writes they wait for. (The busy timeout stays
+/// for other programs opening the file, e.g. a backup.)
 fn sqlite_pool(settings: &DatabaseSettings) -> SqlitePoolOptions {
     SqlitePoolOptions::new()
-        .max_connections(settings.max_connections)
+        .max_connections(1)
         .acquire_timeout(settings.acquire_timeout())
 }
 
