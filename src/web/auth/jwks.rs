@@ -123,6 +123,14 @@ impl JwksKeys {
         }
     }
 
+    /// Which key set is in use: it changes with every fetch, and is `None` while the
+    /// set is older than `max_age`. What a key of one set verified holds only while
+    /// that set is the current one.
+    pub fn generation(&self) -> Option<u64> {
+        let generation = self.fetches.load(Ordering::Acquire);
+        (!self.is_stale()).then_some(generation)
+    }
+
     /// True when the cached set was fetched longer than `max_age` ago (or never).
     fn is_stale(&self) -> bool {
         let set = self.keys.read().unwrap_or_else(PoisonError::into_inner);
