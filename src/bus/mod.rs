@@ -197,6 +197,31 @@ pub trait EventBus: Send + Sync {
     /// publisher confirm). Only then may the outbox mark it sent.
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError>;
 
+    /// Publishes a batch, each envelope under its own span, and returns how many of
+    /// the first ones the bus durably accepted, with the error that stopped the rest:
+    /// only those first ones may be marked sent. By default all are published at once
+    /// (with a broker, the confirms of the batch are awaited together instead of one
+    /// round trip each); a later one may be accepted after an earlier one failed, and
+    /// is then published again with it: at least once, as ever. The in-process bus
+    /// takes the whole batch in one transaction.
+    async fn publish_all(&self, batch: &[(Envelope, tracing::Span)]) -> (usize, Option<BusError>) {
+        use tracing::Instrument;
+        let results = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|(envelope, span)| self.publish(envelope).instrument(span.clone())),
+        )
+        .await;
+        let mut accepted = 0;
+        for result in results {
+            match result {
+                Ok(()) => accepted += 1,
+                Err(error) => return (accepted, Some(error)),
+            }
+        }
+        (accepted, None)
+    }
+
     /// Delivers messages of `binding` to `handler` until `shutdown` is cancelled,
     /// stopping between messages.
     async fn consume(

@@ -89,6 +89,48 @@ impl InProcessBus {
         Ok(count)
     }
 
+    /// Queues `envelopes` on every bound queue whose binding takes them, in one
+    /// transaction, and wakes the consumers.
+    async fn enqueue(&self, envelopes: &[Envelope]) -> Result<(), BusError> {
+        let now = now_ms();
+        with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for envelope in envelopes {
+                let headers = serde_json::to_string(&envelope.headers)
+                    .map_err(|e| BusError::Corrupt(e.to_string()))?;
+                for binding in self
+                    .bindings
+                    .iter()
+                    .filter(|b| b.takes(&envelope.routing_key))
+                {
+                    // Re-publishing the same event (the relay crashed before marking it
+                    // sent) must not queue it twice.
+                    sqlx::query(
+                        "INSERT INTO bus_messages
+                             (queue, message_id, routing_key, payload, headers, occurred_at,
+                              available_at_ms, subject)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (queue, message_id) DO NOTHING",
+                    )
+                    .bind(binding.queue)
+                    .bind(envelope.id.to_string())
+                    .bind(&envelope.routing_key)
+                    .bind(&envelope.payload)
+                    .bind(&headers)
+                    .bind(envelope.occurred_at)
+                    .bind(now)
+                    .bind(envelope.subject())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok::<(), BusError>(())
+        })?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Messages of `queue` not yet acknowledged or dead-lettered.
     pub async fn pending(&self, queue: &str) -> Result<u64, BusError> {
         let n: i64 = with_pool!(&self.db, |pool| sqlx::query_scalar(
@@ -115,39 +157,16 @@ impl InProcessBus {
 #[async_trait]
 impl EventBus for InProcessBus {
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        let headers = serde_json::to_string(&envelope.headers)
-            .map_err(|e| BusError::Corrupt(e.to_string()))?;
-        with_pool!(&self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            for binding in self
-                .bindings
-                .iter()
-                .filter(|b| b.takes(&envelope.routing_key))
-            {
-                // Re-publishing the same event (the relay crashed before marking it sent)
-                // must not queue it twice.
-                sqlx::query(
-                    "INSERT INTO bus_messages
-                         (queue, message_id, routing_key, payload, headers, occurred_at,
-                          available_at_ms, subject)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (queue, message_id) DO NOTHING",
-                )
-                .bind(binding.queue)
-                .bind(envelope.id.to_string())
-                .bind(&envelope.routing_key)
-                .bind(&envelope.payload)
-                .bind(&headers)
-                .bind(envelope.occurred_at)
-                .bind(now_ms())
-                .bind(envelope.subject())
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await
-        })?;
-        self.wake.notify_one();
-        Ok(())
+        self.enqueue(std::slice::from_ref(envelope)).await
+    }
+
+    /// The whole batch in one transaction: all of it is accepted, or none.
+    async fn publish_all(&self, batch: &[(Envelope, tracing::Span)]) -> (usize, Option<BusError>) {
+        let envelopes: Vec<Envelope> = batch.iter().map(|(envelope, _)| envelope.clone()).collect();
+        match self.enqueue(&envelopes).await {
+            Ok(()) => (batch.len(), None),
+            Err(error) => (0, Some(error)),
+        }
     }
 
     async fn consume(
