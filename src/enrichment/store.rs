@@ -87,11 +87,107 @@ fn written(rows: u64) -> Write {
 
 pub struct SqliteProfileStore {
     pool: SqlitePool,
+    group: GroupCommit,
 }
 
 impl SqliteProfileStore {
     pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            group: GroupCommit::default(),
+        }
+    }
+}
+
+/// Upserts that arrive while another group is being written wait, and are then written
+/// together in one transaction (group commit). SQLite has one writer and syncs each
+/// commit to disk, and the consumer hands over a batch of messages at once: one commit
+/// per profile made them queue one by one behind every other write of the database.
+#[derive(Default)]
+struct GroupCommit {
+    waiting: std::sync::Mutex<Vec<Pending>>,
+    /// Held by whoever writes the waiting group.
+    writer: tokio::sync::Mutex<()>,
+}
+
+struct Pending {
+    profile: EnrichedProfile,
+    answer: tokio::sync::oneshot::Sender<Result<Write, StoreError>>,
+}
+
+/// The answer of a waiting upsert whose group write was cancelled half-way (its
+/// caller timed out); the transaction was rolled back, and the message is retried.
+fn abandoned() -> StoreError {
+    StoreError::Backend("the group write holding this profile was abandoned".into())
+}
+
+const UPSERT: &str = "INSERT INTO enriched_profiles
+         (uuid, name, email, linkedin, github, status, error, source_event_id, version,
+          enriched_at, updated_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7, ?8, ?8)
+     ON CONFLICT (uuid) DO UPDATE SET
+         name = excluded.name, email = excluded.email,
+         linkedin = excluded.linkedin, github = excluded.github,
+         status = 'completed', error = NULL,
+         source_event_id = excluded.source_event_id, version = excluded.version,
+         enriched_at = excluded.enriched_at, updated_at = excluded.updated_at
+     WHERE enriched_profiles.status <> 'deleted'
+       AND (enriched_profiles.version < excluded.version
+            OR (enriched_profiles.version = excluded.version
+                AND NOT (enriched_profiles.status = 'completed'
+                         AND enriched_profiles.source_event_id
+                             = excluded.source_event_id)))";
+
+async fn upsert_on<'c, E>(executor: E, p: &EnrichedProfile) -> Result<Write, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let result = sqlx::query(UPSERT)
+        .bind(p.uuid.hyphenated())
+        .bind(&p.name)
+        .bind(&p.email)
+        .bind(&p.linkedin)
+        .bind(&p.github)
+        .bind(p.source_event_id.hyphenated())
+        .bind(version_param(p.version))
+        .bind(DbTime(p.enriched_at.unwrap_or(p.updated_at)))
+        .execute(executor)
+        .await?;
+    Ok(written(result.rows_affected()))
+}
+
+impl SqliteProfileStore {
+    /// Writes `group` in one transaction and answers each waiting upsert. If that
+    /// fails, each is written on its own, so one bad profile fails alone.
+    async fn write_group(&self, group: Vec<Pending>) {
+        let together = async {
+            let mut tx = self.pool.begin().await?;
+            let mut writes = Vec::with_capacity(group.len());
+            for pending in &group {
+                writes.push(upsert_on(&mut *tx, &pending.profile).await?);
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(writes)
+        };
+        match together.await {
+            Ok(writes) => {
+                for (pending, write) in group.into_iter().zip(writes) {
+                    let _ = pending.answer.send(Ok(write));
+                }
+            }
+            Err(error) if group.len() == 1 => {
+                if let Some(pending) = group.into_iter().next() {
+                    let _ = pending.answer.send(Err(error.into()));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, profiles = group.len(), "group write failed; writing each profile on its own");
+                for pending in group {
+                    let write = upsert_on(&self.pool, &pending.profile).await;
+                    let _ = pending.answer.send(write.map_err(StoreError::from));
+                }
+            }
+        }
     }
 }
 
@@ -136,35 +232,32 @@ impl ProfileRow {
 impl ProfileStore for SqliteProfileStore {
     #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO enriched_profiles
-                 (uuid, name, email, linkedin, github, status, error, source_event_id, version,
-                  enriched_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7, ?8, ?8)
-             ON CONFLICT (uuid) DO UPDATE SET
-                 name = excluded.name, email = excluded.email,
-                 linkedin = excluded.linkedin, github = excluded.github,
-                 status = 'completed', error = NULL,
-                 source_event_id = excluded.source_event_id, version = excluded.version,
-                 enriched_at = excluded.enriched_at, updated_at = excluded.updated_at
-             WHERE enriched_profiles.status <> 'deleted'
-               AND (enriched_profiles.version < excluded.version
-                    OR (enriched_profiles.version = excluded.version
-                        AND NOT (enriched_profiles.status = 'completed'
-                                 AND enriched_profiles.source_event_id
-                                     = excluded.source_event_id)))",
-        )
-        .bind(p.uuid.hyphenated())
-        .bind(&p.name)
-        .bind(&p.email)
-        .bind(&p.linkedin)
-        .bind(&p.github)
-        .bind(p.source_event_id.hyphenated())
-        .bind(version_param(p.version))
-        .bind(DbTime(p.enriched_at.unwrap_or(p.updated_at)))
-        .execute(&self.pool)
-        .await?;
-        Ok(written(result.rows_affected()))
+        use tokio::sync::oneshot::error::TryRecvError;
+        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        self.group
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Pending {
+                profile: p.clone(),
+                answer,
+            });
+        let _writer = self.group.writer.lock().await;
+        // The writer before us may have written ours with its group.
+        match answered.try_recv() {
+            Ok(result) => return result,
+            Err(TryRecvError::Closed) => return Err(abandoned()),
+            Err(TryRecvError::Empty) => {}
+        }
+        let group = std::mem::take(
+            &mut *self
+                .group
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        self.write_group(group).await;
+        answered.try_recv().unwrap_or_else(|_| Err(abandoned()))
     }
 
     #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]

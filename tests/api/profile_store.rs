@@ -197,6 +197,34 @@ async fn concurrent_deliveries_of_one_event_apply_once(store: &dyn ProfileStore)
     }
 }
 
+/// A consumer hands over many messages at once (and the SQLite store writes the
+/// upserts that meet in one transaction): each caller gets its own answer.
+async fn many_concurrent_upserts_each_get_their_own_answer(store: &dyn ProfileStore) {
+    let newer: Vec<EnrichedProfile> = (0..48)
+        .map(|i| derived(Uuid::now_v7(), &format!("User {i}"), 2))
+        .collect();
+    // The same users at an older version, mixed in: those must lose.
+    let older: Vec<EnrichedProfile> = newer
+        .iter()
+        .take(16)
+        .map(|p| derived(p.uuid, "Old Name", 1))
+        .collect();
+    for p in &newer[..16] {
+        assert_eq!(store.upsert(p).await.unwrap(), Write::Applied);
+    }
+    let writes = futures_util::future::join_all(
+        older.iter().chain(&newer[16..]).map(|p| store.upsert(p)),
+    )
+    .await;
+    let (stale, applied) = writes.split_at(16);
+    assert!(stale.iter().all(|w| matches!(w, Ok(Write::Stale))), "{stale:?}");
+    assert!(applied.iter().all(|w| matches!(w, Ok(Write::Applied))), "{applied:?}");
+    for p in &newer {
+        let read = store.get(p.uuid).await.unwrap().expect("stored");
+        assert_eq!((read.name.as_str(), read.version), (p.name.as_str(), 2));
+    }
+}
+
 /// A migrated SQLite profile store in a temporary folder.
 async fn sqlite() -> (Arc<dyn ProfileStore>, TempDir) {
     let dir = TempDir::new().unwrap();
@@ -245,4 +273,5 @@ contract!(
     a_failure_is_recorded_then_completed_by_a_later_success,
     an_erased_user_stays_erased,
     concurrent_deliveries_of_one_event_apply_once,
+    many_concurrent_upserts_each_get_their_own_answer,
 );
