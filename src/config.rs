@@ -135,6 +135,8 @@ pub struct CacheSettings {
     pub max_entries: u64,
     pub key_prefix: String,
     pub timeout_ms: u64,
+    /// redis:// only: how long a local copy of a read may be served (0: none).
+    pub local_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

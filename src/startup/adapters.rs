@@ -171,7 +171,9 @@ pub(super) fn open_cache(settings: &Settings, metrics: &Metrics) -> anyhow::Resu
                 &cache.key_prefix,
                 Duration::from_millis(cache.timeout_ms),
             )
-            .context("cannot configure cache.url")?;
+            .context("cannot configure cache.url")?
+            .with_local_copies(Duration::from_millis(cache.local_ttl_ms))
+            .context("cannot configure cache.local_ttl_ms")?;
             metrics.watch_breaker(redis.breaker());
             Ok(Arc::new(redis))
         }

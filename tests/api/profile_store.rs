@@ -212,13 +212,18 @@ async fn many_concurrent_upserts_each_get_their_own_answer(store: &dyn ProfileSt
     for p in &newer[..16] {
         assert_eq!(store.upsert(p).await.unwrap(), Write::Applied);
     }
-    let writes = futures_util::future::join_all(
-        older.iter().chain(&newer[16..]).map(|p| store.upsert(p)),
-    )
-    .await;
+    let writes =
+        futures_util::future::join_all(older.iter().chain(&newer[16..]).map(|p| store.upsert(p)))
+            .await;
     let (stale, applied) = writes.split_at(16);
-    assert!(stale.iter().all(|w| matches!(w, Ok(Write::Stale))), "{stale:?}");
-    assert!(applied.iter().all(|w| matches!(w, Ok(Write::Applied))), "{applied:?}");
+    assert!(
+        stale.iter().all(|w| matches!(w, Ok(Write::Stale))),
+        "{stale:?}"
+    );
+    assert!(
+        applied.iter().all(|w| matches!(w, Ok(Write::Applied))),
+        "{applied:?}"
+    );
     for p in &newer {
         let read = store.get(p.uuid).await.unwrap().expect("stored");
         assert_eq!((read.name.as_str(), read.version), (p.name.as_str(), 2));

@@ -202,6 +202,119 @@ async fn set_then_get_round_trips_under_the_prefix_with_a_ttl() {
     assert_eq!(keys, [1], "exactly one key written, under the prefix");
 }
 
+/// Reads are served from a local copy that Redis invalidates: an instance sees its own
+/// write at once, and another instance's once Redis's invalidation reaches it, also
+/// when the key changes behind both their backs.
+#[tokio::test]
+async fn a_local_copy_never_outlives_a_change_made_by_any_instance() {
+    let Some(url) = services::service_url(services::REDIS) else {
+        return;
+    };
+    let raw_url = url.clone();
+    with_prefixes(&url, |[prefix]| async move {
+        let local = |url: &str| {
+            cache_at(url, &prefix)
+                .with_local_copies(Duration::from_secs(60))
+                .expect("RESP3")
+        };
+        let (a, b) = (local(&raw_url), local(&raw_url));
+        let key = cache::key("user", uuid::Uuid::now_v7());
+        a.put(&key, 1, "one".into()).await;
+        // Both read it, so both hold a copy now.
+        for _ in 0..3 {
+            assert_eq!(a.get(&key).await.as_deref(), Some("one"));
+            assert_eq!(b.get(&key).await.as_deref(), Some("one"));
+        }
+
+        b.put(&key, 2, "two".into()).await;
+        assert_eq!(
+            b.get(&key).await.as_deref(),
+            Some("two"),
+            "its own write, at once"
+        );
+        eventually(|| a.get(&key), Some("two".to_owned())).await;
+
+        // Changed by a client that is no instance at all.
+        let mut redis = raw_connection(&raw_url).await;
+        let _: () = raw(
+            &mut redis,
+            redis::cmd("SET")
+                .arg(format!("{prefix}{key}"))
+                .arg("3:three"),
+        )
+        .await;
+        eventually(|| a.get(&key), Some("three".to_owned())).await;
+        eventually(|| b.get(&key), Some("three".to_owned())).await;
+
+        // Deleted behind their backs: a miss, not the last copy.
+        let _: () = raw(&mut redis, redis::cmd("DEL").arg(format!("{prefix}{key}"))).await;
+        eventually(|| a.get(&key), None).await;
+        eventually(|| b.get(&key), None).await;
+    })
+    .await;
+}
+
+/// A connection that goes silent delivers no invalidation: a local copy is then served
+/// at most its local TTL, and the reads after it time out like any other.
+#[tokio::test]
+async fn a_local_copy_outlives_a_silent_connection_by_at_most_its_ttl() {
+    let Some(redis_url) = services::service_url(services::REDIS) else {
+        return;
+    };
+    let url = redis_url.clone();
+    let keys = with_prefixes(&redis_url, |[prefix]| async move {
+        let proxy = LinkProxy::start(&url, Link::Up).await;
+        let local_ttl = Duration::from_millis(300);
+        let cache = cache_at(&proxy.url, &prefix)
+            .with_breaker(breaker(2, Duration::from_secs(3600)))
+            .with_local_copies(local_ttl)
+            .expect("RESP3");
+        cache.put("k", 1, "v".into()).await;
+        assert_eq!(cache.get("k").await.as_deref(), Some("v"));
+
+        proxy.set(Link::Frozen);
+        let frozen = Instant::now();
+        while cache.get("k").await.is_some() {
+            assert!(
+                frozen.elapsed() <= local_ttl + CALL_BOUND,
+                "a copy served {:?} after the connection went silent",
+                frozen.elapsed()
+            );
+        }
+        assert!(
+            frozen.elapsed() <= local_ttl + CALL_BOUND,
+            "the copy stopped only after {:?}",
+            frozen.elapsed()
+        );
+        assert!(
+            cache.stats().errors >= 1,
+            "the read after the copy timed out"
+        );
+    })
+    .await;
+    assert_eq!(keys, [1]);
+}
+
+/// Polls `read` until it gives `expected`, failing the test at the deadline.
+async fn eventually<F, Fut>(read: F, expected: Option<String>)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<String>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let value = read().await;
+        if value == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {value:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn json_values_round_trip_through_the_cache_helpers() {
     let Some(url) = services::service_url(services::REDIS) else {
