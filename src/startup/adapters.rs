@@ -110,6 +110,23 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
 }
 
 /// The retry policy of every consumer, from `worker.*`.
+/// `worker.concurrency`, where 0 (the default) picks one per bus. The in-process bus:
+/// 256, since its consumer claims that many at once and the SQLite profile store commits
+/// the profiles that arrive together in one transaction (at 16 the consumer fell behind
+/// a flat-out POST load). RabbitMQ: 16, since it is also the prefetch: a larger one
+/// lets one worker replica hoard messages that others could take, and (256, in the
+/// fault suite) made handlers queue for a slow document store until they timed out.
+fn worker_concurrency(settings: &Settings) -> usize {
+    match (
+        settings.worker.concurrency,
+        scheme_of(&settings.bus.url).as_str(),
+    ) {
+        (0, "memory") => 256,
+        (0, _) => 16,
+        (chosen, _) => chosen,
+    }
+}
+
 pub fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
     let worker = &settings.worker;
     DeliveryPolicy {
@@ -120,7 +137,7 @@ pub fn delivery_policy(settings: &Settings) -> DeliveryPolicy {
         ),
         handler_timeout: worker.handler_timeout(),
         poll_interval: Duration::from_millis(worker.poll_interval_ms),
-        concurrency: worker.concurrency.max(1),
+        concurrency: worker_concurrency(settings),
         delivery_limit: worker.delivery_limit.max(1),
         dead_letter_ttl: Duration::from_secs(settings.retention.dead_letter_days * 24 * 60 * 60),
     }
@@ -225,4 +242,26 @@ fn require_scheme(setting: &str, scheme: &str, supported: &[&str]) -> anyhow::Re
         "{setting}: scheme {scheme:?} is not supported by this build (supported: {})",
         supported.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_concurrency_zero_is_chosen_per_bus_and_any_other_value_kept() {
+        let mut settings = Settings::load_for("test").unwrap();
+        let with = |settings: &mut Settings, bus: &str, chosen: usize| {
+            settings.bus.url = bus.to_owned().into();
+            settings.worker.concurrency = chosen;
+            worker_concurrency(settings)
+        };
+        assert_eq!(with(&mut settings, "memory://", 0), 256);
+        assert_eq!(
+            with(&mut settings, "amqp://guest:guest@127.0.0.1:5672/%2f", 0),
+            16
+        );
+        assert_eq!(with(&mut settings, "memory://", 3), 3);
+        assert_eq!(with(&mut settings, "amqp://127.0.0.1", 40), 40);
+    }
 }
