@@ -386,14 +386,14 @@ impl MeteredCache {
 
 #[async_trait]
 impl Cache for MeteredCache {
-    async fn get(&self, key: &str) -> Option<String> {
-        let value = self.inner.get(key).await;
-        let result = if value.is_some() { "hit" } else { "miss" };
+    async fn get_entry(&self, key: &str) -> Option<(u64, String)> {
+        let entry = self.inner.get_entry(key).await;
+        let result = if entry.is_some() { "hit" } else { "miss" };
         self.metrics
             .cache_lookups
             .with_label_values(&[result])
             .inc();
-        value
+        entry
     }
 
     async fn put(&self, key: &str, version: u64, value: String) {

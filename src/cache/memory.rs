@@ -24,8 +24,8 @@ impl MemoryCache {
 
 #[async_trait]
 impl Cache for MemoryCache {
-    async fn get(&self, key: &str) -> Option<String> {
-        self.entries.get(key).await.map(|(_, value)| value)
+    async fn get_entry(&self, key: &str) -> Option<(u64, String)> {
+        self.entries.get(key).await
     }
 
     async fn put(&self, key: &str, version: u64, value: String) {

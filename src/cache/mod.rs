@@ -14,7 +14,7 @@ pub use memory::MemoryCache;
 pub use redis_cache::{CacheStats, RedisCache};
 
 /// Bump when the shape of a cached value changes, so old entries are simply missed.
-pub const KEY_VERSION: &str = "v2";
+pub const KEY_VERSION: &str = "v3";
 
 /// Every entry is a version of something (a user's, a profile's `version`), and a
 /// cache keeps the newest it was given: a read-through fill that read the database
@@ -23,16 +23,20 @@ pub const KEY_VERSION: &str = "v2";
 /// late fill from bringing it back until the entry expires.
 #[async_trait]
 pub trait Cache: Send + Sync {
-    /// The value under `key` (empty for a tombstone); `None` on a miss and on any
-    /// failure of the cache itself.
-    async fn get(&self, key: &str) -> Option<String>;
+    /// The version and the value under `key` (empty for a tombstone); `None` on a miss
+    /// and on any failure of the cache itself.
+    async fn get_entry(&self, key: &str) -> Option<(u64, String)>;
+    /// The value under `key`, as [`Cache::get_entry`].
+    async fn get(&self, key: &str) -> Option<String> {
+        self.get_entry(key).await.map(|(_, value)| value)
+    }
     /// Stores `value` as version `version` of `key`, unless the cache holds a newer
     /// version. Best effort: a failure is logged by the adapter and otherwise ignored.
     async fn put(&self, key: &str, version: u64, value: String);
     async fn ping(&self) -> Result<(), String>;
 }
 
-/// The key of `id` in `namespace`, e.g. `userhub:v2:user:0193…`.
+/// The key of `id` in `namespace`, e.g. `userhub:v3:user:0193…`.
 pub fn key(namespace: &str, id: impl std::fmt::Display) -> String {
     format!("userhub:{KEY_VERSION}:{namespace}:{id}")
 }

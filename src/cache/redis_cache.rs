@@ -291,15 +291,15 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
 return 1
 "#;
 
-/// The value of a stored `<version>:<value>`; `None` for anything else.
-fn stored_value(stored: &str) -> Option<&str> {
+/// The version and the value of a stored `<version>:<value>`; `None` for anything else.
+fn stored_entry(stored: &str) -> Option<(u64, &str)> {
     let (version, value) = stored.split_once(':')?;
-    version.parse::<u64>().ok().map(|_| value)
+    version.parse::<u64>().ok().map(|version| (version, value))
 }
 
 #[async_trait]
 impl Cache for RedisCache {
-    async fn get(&self, key: &str) -> Option<String> {
+    async fn get_entry(&self, key: &str) -> Option<(u64, String)> {
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.stored_key(key));
         if !self.local_ttl.is_zero() {
@@ -312,7 +312,7 @@ impl Cache for RedisCache {
             let text = String::from_utf8(bytes)
                 .inspect_err(|_| tracing::warn!(key, "ignoring a cache entry that is not UTF-8"))
                 .ok()?;
-            let value = stored_value(&text).map(str::to_owned);
+            let value = stored_entry(&text).map(|(version, value)| (version, value.to_owned()));
             if value.is_none() {
                 tracing::warn!(key, "ignoring a cache entry without a version");
             }
@@ -399,9 +399,9 @@ mod tests {
 
     #[test]
     fn stored_values_carry_their_version() {
-        assert_eq!(stored_value("3:{\"a\":1}"), Some("{\"a\":1}"));
-        assert_eq!(stored_value("3:"), Some(""), "a tombstone");
-        assert_eq!(stored_value("v:{}"), None);
-        assert_eq!(stored_value("{}"), None);
+        assert_eq!(stored_entry("3:{\"a\":1}"), Some((3, "{\"a\":1}")));
+        assert_eq!(stored_entry("3:"), Some((3, "")), "a tombstone");
+        assert_eq!(stored_entry("v:{}"), None);
+        assert_eq!(stored_entry("{}"), None);
     }
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::changes::{delete_user, patch_user};
 use super::idempotency::{self, IDEMPOTENT_REPLAYED};
 use super::{CreateUserError, Created, Email, ListQuery, NewUser, User, UserName, Users};
-use crate::web::conditional::{json_tagged, version_tag};
+use crate::web::conditional::{json_body_tagged, version_tag};
 use crate::web::problem::{ApiError, ApiResult, FieldErrors, Problem};
 use crate::web::{RequestId, UuidParam, page_size};
 
@@ -91,7 +91,7 @@ fn required<T>(
 }
 
 /// A user, with `name` and `email` exactly as stored.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "uuid": "01936f0e-8a4c-7b21-9c3d-2f5e8a1b4c6d",
     "name": "João Silva",
@@ -105,6 +105,20 @@ pub struct UserResponse {
     pub email: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl UserResponse {
+    /// The user this represents, at `version`.
+    pub(super) fn at_version(self, version: u64) -> User {
+        User {
+            uuid: self.uuid,
+            name: self.name,
+            email: self.email,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            version,
+        }
+    }
 }
 
 impl From<User> for UserResponse {
@@ -354,9 +368,11 @@ pub async fn get_user(
     users: web::Data<Users>,
     UuidParam(uuid): UuidParam,
 ) -> ApiResult<HttpResponse> {
-    let user = users.find(uuid).await?.ok_or_else(|| not_found(uuid))?;
-    let tag = version_tag(user.version);
-    Ok(json_tagged(&req, tag, &UserResponse::from(user)))
+    let user = users
+        .find_json(uuid)
+        .await?
+        .ok_or_else(|| not_found(uuid))?;
+    Ok(json_body_tagged(&req, version_tag(user.version), user.json))
 }
 
 pub(super) fn not_found(uuid: Uuid) -> ApiError {

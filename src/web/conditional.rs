@@ -53,6 +53,19 @@ pub fn json_tagged<T: Serialize>(req: &HttpRequest, tag: EntityTag, body: &T) ->
         .json(body)
 }
 
+/// Like [`json_tagged`], for a body already serialized as JSON.
+pub fn json_body_tagged(req: &HttpRequest, tag: EntityTag, body: String) -> HttpResponse {
+    if none_match_fails(req, &tag) {
+        return HttpResponse::build(StatusCode::NOT_MODIFIED)
+            .insert_header(header::ETag(tag))
+            .finish();
+    }
+    HttpResponse::Ok()
+        .insert_header(header::ETag(tag))
+        .content_type(header::ContentType::json())
+        .body(body)
+}
+
 /// Like [`json_tagged`], the tag taken from the serialized body itself.
 pub fn json_content_tagged<T: Serialize>(req: &HttpRequest, body: &T) -> ApiResult<HttpResponse> {
     let bytes = serde_json::to_vec(body).map_err(anyhow::Error::from)?;

@@ -18,6 +18,38 @@ async fn a_cached_user_is_served_without_the_database() {
     assert_eq!(cached, user);
 }
 
+/// A hit is answered from the cached representation as is: the same bytes, type and
+/// tag as the answer that filled the cache; and what reads the user itself (the
+/// combined view) reads the same user from it.
+#[tokio::test]
+async fn a_hit_answers_exactly_what_the_fill_answered() {
+    let app = spawn_app().await;
+    let user = app.create_user("Zoë Ångström", "zoe@example.com").await;
+    let uuid = user["uuid"].as_str().unwrap();
+    let path = format!("/api/users/{uuid}");
+    let answer = |response: reqwest::Response| async move {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let head = (response.status(), header("content-type"), header("etag"));
+        (head, response.bytes().await.unwrap())
+    };
+    let filled = answer(app.get(&path).await).await;
+    app.execute("DELETE FROM users").await;
+    let hit = answer(app.get(&path).await).await;
+    assert_eq!(hit, filled);
+    assert_eq!(filled.0.2.as_deref(), Some("\"1\""));
+    assert_eq!(serde_json::from_slice::<Value>(&hit.1).unwrap(), user);
+
+    let mut view: Value = app.get_json(&format!("{path}/profile")).await;
+    let enrichment = view.as_object_mut().unwrap().remove("enrichment");
+    assert_eq!(view, user, "the user's fields, from the cache");
+    assert!(enrichment.is_some());
+}
+
 #[tokio::test]
 async fn a_pending_profile_is_not_cached_and_the_worker_fills_the_cache() {
     let store = ControlledStore::new();
