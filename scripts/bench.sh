@@ -4,8 +4,11 @@
 #
 #   scripts/bench.sh                         10 s a path, 60 s of POST for the keep-up
 #                                            rows (DURATION=30s, BENCH_KEEPUP_DURATION=…)
-#   BENCH_QUICK=1 scripts/bench.sh           3 s a path (keep-up POST too), 3,000 messages
-#                                            for the consumer rows (BENCH_CONSUMER_MESSAGES)
+#   BENCH_QUICK=1 scripts/bench.sh           3 s a path (keep-up POST too); 3,000 messages
+#                                            for the SQLite consumer rows and 500 for the
+#                                            MongoDB ones, instead of 20,000 and 2,000
+#                                            (BENCH_CONSUMER_MESSAGES,
+#                                            BENCH_CONSUMER_MONGO_MESSAGES)
 #   BENCH_GUARD=1 scripts/bench.sh           exit 3 on a gross regression: a ratio or rate
 #                                            below half its goal, a time or size above
 #                                            twice its goal (BENCH_GUARD_SKIP=key,… leaves
@@ -42,7 +45,8 @@
 #     against the store's ceiling: the same upsert in a bare python3 sqlite3 loop, one
 #     transaction a message; and, when something answers on 127.0.0.1:27017 (e.g.
 #     SecantusDB, started by scripts/test-services.sh), the same into a MongoDB store
-#     against a bare pymongo loop (pymongo is pip-installed when missing).
+#     against a bare pymongo loop of update_one({uuid}, upsert) (and, for comparison,
+#     of the store's own conditional filter; pymongo is pip-installed when missing).
 # Everything listens on and talks to 127.0.0.1 only; what the run starts (processes,
 # PostgreSQL and MongoDB databases, Redis keys, RabbitMQ queues, files under
 # target/bench/) is removed on exit. wrk is installed from Debian when missing (needs
@@ -467,6 +471,7 @@ consume() {
         stop_started "$worker_pid"
     else
         say "$key: the worker did not write $n profiles within $consumer_limit s"
+        python3 "$helper" put "$results" "${key}_skipped" "did not finish; see $name.log"
         stop_started "$worker_pid"
         # What it left would be counted as the next store's messages.
         timeout 30 rabbitmqctl -q purge_queue "$consumer_queue" >/dev/null
@@ -515,7 +520,7 @@ elif ! mongo_python="$(find_mongo_python)"; then
 else
     consumer_mongo_db="userhub_bench_${run_id}_consumer"
     ceiling_mongo_db="userhub_bench_${run_id}_ceiling"
-    mongo_dbs+=("userhub_bench_${run_id}_unused" "$consumer_mongo_db" "$ceiling_mongo_db")
+    mongo_dbs+=("userhub_bench_${run_id}_unused" "$consumer_mongo_db" "$ceiling_mongo_db" "${ceiling_mongo_db}_store")
     # Fewer messages than for SQLite: SecantusDB (Python) is slow, and slower the more
     # documents a collection holds (the store's conditional filter scans it).
     say "consumer: keeping $mongo_messages of the $n users for the MongoDB rows"
@@ -528,7 +533,13 @@ else
         APP__DOCUMENTS__URL="mongodb://127.0.0.1:27017/$consumer_mongo_db?directConnection=true"
     say "consumer_mongo_ceiling: $n upserts in a pymongo loop"
     "$mongo_python" "$helper" mongo-ceiling "$results" consumer_mongo_ceiling \
-        "mongodb://127.0.0.1:27017/$ceiling_mongo_db?directConnection=true" "$n" "$ceiling_limit"
+        "mongodb://127.0.0.1:27017/$ceiling_mongo_db?directConnection=true" "$n" "$ceiling_limit" \
+        || say "consumer_mongo_ceiling: the pymongo loop failed"
+    # For comparison (not the goal's ceiling): the same loop with the store's own filter.
+    say "consumer_mongo_ceiling_store: the same with the store's conditional filter"
+    "$mongo_python" "$helper" mongo-ceiling "$results" consumer_mongo_ceiling_store \
+        "mongodb://127.0.0.1:27017/${ceiling_mongo_db}_store?directConnection=true" "$n" "$ceiling_limit" store \
+        || say "consumer_mongo_ceiling_store: the pymongo loop failed"
 fi
 stop_started "$relay_pid"
 
