@@ -319,8 +319,10 @@ create_user() {
     echo "$uuid"
 }
 
-# post_users PROFILE PORT: POST flat out for the keep-up duration (as PROFILE_post),
-# then waits for the enrichment to catch up (PROFILE_enrich).
+# post_users PROFILE PORT USERS_KIND USERS_WHERE PROFILES_DB: POST flat out for the
+# keep-up duration (as PROFILE_post), then waits until the profile store (SQLite file
+# PROFILES_DB) holds a profile for every user (USERS_KIND sqlite: in the file
+# USERS_WHERE; postgres: in the database URL USERS_WHERE) as PROFILE_enrich.
 post_users() {
     local profile=$1 port=$2 users_kind=$3 users_where=$4 profiles_db=$5
     BENCH_RUN="$run_id" BENCH_TOKEN="$token" \
