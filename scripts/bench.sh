@@ -1,48 +1,106 @@
 #!/usr/bin/env bash
 # The benchmark: userhub's hot paths next to their ceilings, measured in the
-# same run on the same machine, as a markdown table of ratios.
+# same run on the same machine, as a markdown table of ratios and checks.
 #
-#   scripts/bench.sh                         10 s a path (DURATION=30s for longer)
-#   BENCH_QUICK=1 scripts/bench.sh           3 s a path
-#   BENCH_GUARD=1 scripts/bench.sh           exit 3 when a ratio is below half its goal
-#                                            (BENCH_GUARD_SKIP=key,… leaves rows out)
+#   scripts/bench.sh                         10 s a path, 60 s of POST for the keep-up
+#                                            rows (DURATION=30s, BENCH_KEEPUP_DURATION=…)
+#   BENCH_QUICK=1 scripts/bench.sh           3 s a path (keep-up POST too); 3,000 messages
+#                                            for the SQLite consumer rows and 500 for the
+#                                            MongoDB ones, instead of 20,000 and 2,000
+#                                            (BENCH_CONSUMER_MESSAGES,
+#                                            BENCH_CONSUMER_MONGO_MESSAGES)
+#   BENCH_GUARD=1 scripts/bench.sh           exit 3 on a gross regression: a ratio or rate
+#                                            below half its goal, a time or size above
+#                                            twice its goal (BENCH_GUARD_SKIP=key,… leaves
+#                                            rows out)
 #   BENCH_PROFILE=debug scripts/bench.sh     the debug binaries (no release build);
 #                                            BENCH_GOAL_SCALE=0.4 scales the guarded goals
+#   BENCH_BIN_DIR=DIR                        no build: DIR/userhub and DIR/examples/ceiling
+#                                            (e.g. another checkout's target/release); the
+#                                            profile follows DIR's name (…/debug: debug)
 #   BENCH_KEEP=1                             keep target/bench/run-*/ (logs, wrk output)
-#   BENCH_ENRICH_LIMIT=SECONDS               longest wait for the enrichment backlog
+#   BENCH_ENRICH_LIMIT=SECONDS               longest wait for an enrichment backlog
 #
-# Paths, each with `wrk -t2 -c64 -d$DURATION` (APP_ENV=production settings, rate limits
-# off, one admin bearer token):
+# Rows, each path with `wrk -t2 -c64 -d$DURATION` (APP_ENV=production settings, rate
+# limits off, log level warn, one admin bearer token):
 #   - the ceiling: examples/ceiling.rs, a minimal actix-web JSON handler;
-#   - embedded (SQLite, memory cache, in-process bus): GET /health, GET /api/users/{uuid}
-#     (cache hit), POST /api/users (unique users, scripts/bench/post_users.lua), then the
-#     enrichment keep-up: how long after the last 201 the last user is enriched;
+#   - embedded (SQLite, memory cache, in-process bus), one process with every role:
+#     start → first 200 from /health (on a database `userhub migrate` prepared, polled
+#     every 10 ms) and idle RSS (VmRSS 1 s later, before any load); GET /health;
+#     GET /api/users/{uuid} (cache hit); POST /api/users flat out for
+#     $BENCH_KEEPUP_DURATION (unique users, scripts/bench/post_users.lua) and the
+#     enrichment keep-up: how long after the last 201 the last user is enriched; then
+#     POST at half that flat-out rate (paced by post_users.lua) for $DURATION and, for
+#     the users of that phase alone, p50/p99 of creation→enriched by the stores'
+#     timestamps (profile created_at − user created_at);
 #   - services, when PostgreSQL (5432), Redis (6379) and RabbitMQ (5672) answer on
-#     127.0.0.1: GET /api/users/{uuid} (Redis hit), POST /api/users on PostgreSQL +
-#     RabbitMQ and its keep-up, and pgbench of the same insert+outbox transaction
-#     (scripts/bench/create_user.pgbench, 16 clients) as the ceiling of the POST.
-# Everything listens on 127.0.0.1 only; what the run starts (processes, a database,
-# Redis keys, RabbitMQ queues, files under target/bench/) is removed on exit.
-# wrk is installed from Debian when missing (needs root for apt-get).
+#     127.0.0.1: the same start/RSS, GET (Redis hit), POST (with its p99 against 50 ms),
+#     keep-up and half-load rows on PostgreSQL + RabbitMQ + a SQLite profile store, and
+#     pgbench of the same insert+outbox transaction (scripts/bench/create_user.pgbench,
+#     16 clients) as the ceiling of the POST;
+#   - consumer throughput (services only): N users inserted into a fresh PostgreSQL
+#     database, queued by `userhub reenrich --all` through an api,relay process, then a
+#     worker-only process drains the RabbitMQ queue into a fresh SQLite profile store
+#     (without APP_ENV=production, which refuses a SQLite store when roles are split),
+#     against the store's ceiling: the same upsert in a bare python3 sqlite3 loop, one
+#     transaction a message; and, when something answers on 127.0.0.1:27017 (e.g.
+#     SecantusDB, started by scripts/test-services.sh), the same into a MongoDB store
+#     against a bare pymongo loop of update_one({uuid}, upsert) (and, for comparison,
+#     of the store's own conditional filter; pymongo is pip-installed when missing).
+# Everything listens on and talks to 127.0.0.1 only; what the run starts (processes,
+# PostgreSQL and MongoDB databases, Redis keys, RabbitMQ queues, files under
+# target/bench/) is removed on exit. wrk is installed from Debian when missing (needs
+# root for apt-get).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 helper="$root/scripts/bench/helper.py"
 
+seconds_of() {
+    local value=$1 name=$2
+    if ! [[ "${value%s}" =~ ^[0-9]+$ ]] || [ "${value%s}" = 0 ]; then
+        echo "bench: $name must be whole seconds, e.g. 10s (got $value)" >&2
+        exit 2
+    fi
+    echo "${value%s}"
+}
+
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
     DURATION="${DURATION:-3s}"
+    keepup_duration="${BENCH_KEEPUP_DURATION:-$DURATION}"
+    consumer_messages="${BENCH_CONSUMER_MESSAGES:-3000}"
+    mongo_messages="${BENCH_CONSUMER_MONGO_MESSAGES:-500}"
 else
     DURATION="${DURATION:-10s}"
+    keepup_duration="${BENCH_KEEPUP_DURATION:-60s}"
+    consumer_messages="${BENCH_CONSUMER_MESSAGES:-20000}"
+    mongo_messages="${BENCH_CONSUMER_MONGO_MESSAGES:-2000}"
 fi
-secs="${DURATION%s}"
-if ! [[ "$secs" =~ ^[0-9]+$ ]]; then
-    echo "bench: DURATION must be whole seconds, e.g. 10s (got $DURATION)" >&2
-    exit 2
+secs="$(seconds_of "$DURATION" DURATION)"
+keepup_secs="$(seconds_of "$keepup_duration" BENCH_KEEPUP_DURATION)"
+for count in "$consumer_messages" "$mongo_messages"; do
+    if ! [[ "$count" =~ ^[0-9]+$ ]] || ((count < 2)); then
+        echo "bench: BENCH_CONSUMER_MESSAGES and BENCH_CONSUMER_MONGO_MESSAGES must be whole numbers ≥ 2 (got $count)" >&2
+        exit 2
+    fi
+done
+if ((mongo_messages > consumer_messages)); then
+    mongo_messages=$consumer_messages
+fi
+# BENCH_BIN_DIR=DIR: use DIR/userhub and DIR/examples/ceiling as they are (no build);
+# the profile then defaults to DIR's name when that is debug.
+if [ -z "${BENCH_PROFILE:-}" ] && [ -n "${BENCH_BIN_DIR:-}" ]; then
+    case "$(basename "$BENCH_BIN_DIR")" in
+        debug) BENCH_PROFILE=debug ;;
+    esac
 fi
 profile="${BENCH_PROFILE:-release}"
 # Longest wait for the enrichment backlog after a POST run.
-enrich_limit="${BENCH_ENRICH_LIMIT:-$((secs * 6 + 10))}"
+enrich_limit="${BENCH_ENRICH_LIMIT:-$((keepup_secs * 6 + 10))}"
+# Longest wait for the consumer to drain its queue, and for a ceiling loop.
+consumer_limit=$((consumer_messages / 100 > 60 ? consumer_messages / 100 : 60))
+ceiling_limit=60
 
 say() {
     echo "bench: $*" >&2
@@ -55,7 +113,10 @@ results="$work/results.json"
 
 # What to undo on exit.
 pids=()
-pg_db=""
+pg_dbs=()
+mongo_dbs=()
+mongo_url="mongodb://127.0.0.1:27017/?directConnection=true"
+mongo_python=""
 redis_prefix=""
 amqp_prefix=""
 
@@ -72,13 +133,17 @@ stop_pid() {
 
 cleanup() {
     local status=$?
-    local pid
+    local pid db
     for pid in "${pids[@]}"; do
         stop_pid "$pid"
     done
-    if [ -n "$pg_db" ]; then
-        dropdb -h 127.0.0.1 -U postgres --if-exists --force "$pg_db" >/dev/null 2>&1 \
-            || say "could not drop database $pg_db"
+    for db in "${pg_dbs[@]}"; do
+        dropdb -h 127.0.0.1 -U postgres --if-exists --force "$db" >/dev/null 2>&1 \
+            || say "could not drop database $db"
+    done
+    if ((${#mongo_dbs[@]})) && [ -n "$mongo_python" ]; then
+        timeout 30 "$mongo_python" "$helper" mongo-drop "$mongo_url" "${mongo_dbs[@]}" >/dev/null 2>&1 \
+            || say "could not drop the MongoDB databases ${mongo_dbs[*]}"
     fi
     if [ -n "$redis_prefix" ]; then
         redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "${redis_prefix}*" 2>/dev/null \
@@ -117,7 +182,21 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 build_start=$SECONDS
-if [ "$profile" = release ]; then
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+    # Binaries built elsewhere (another checkout's target/release, say), copied so
+    # that a rebuild there during the run cannot mix two builds in one table.
+    for bin in userhub examples/ceiling; do
+        if [ ! -x "$BENCH_BIN_DIR/$bin" ]; then
+            say "BENCH_BIN_DIR: $BENCH_BIN_DIR/$bin is missing or not executable"
+            exit 2
+        fi
+    done
+    say "using $BENCH_BIN_DIR/userhub and $BENCH_BIN_DIR/examples/ceiling (BENCH_BIN_DIR; no build)"
+    bindir="$work/bin"
+    mkdir -p "$bindir/examples"
+    cp "$BENCH_BIN_DIR/userhub" "$bindir/userhub"
+    cp "$BENCH_BIN_DIR/examples/ceiling" "$bindir/examples/ceiling"
+elif [ "$profile" = release ]; then
     say "cargo build --release --locked (binary and examples/ceiling.rs)"
     cargo build --release --locked --bin userhub --example ceiling >&2
     bindir="$root/target/release"
@@ -131,8 +210,12 @@ userhub="$bindir/userhub"
 ceiling="$bindir/examples/ceiling"
 
 python3 "$helper" put "$results" duration "$DURATION"
+python3 "$helper" put "$results" keepup_duration "$keepup_duration"
 python3 "$helper" put "$results" profile "$profile"
 python3 "$helper" put "$results" started "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+    python3 "$helper" put "$results" note_bin "binaries: copies of $BENCH_BIN_DIR/userhub and examples/ceiling (BENCH_BIN_DIR), $(date -u -r "$BENCH_BIN_DIR/userhub" +%Y-%m-%dT%H:%M:%SZ)"
+fi
 
 # --- helpers --------------------------------------------------------------------------
 secret="bench-hs256-secret-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
@@ -140,38 +223,65 @@ issuer="urn:userhub:local"
 audience="userhub"
 token="$(python3 "$helper" token "$secret" "$issuer" "$audience")"
 
-wait_http() {
-    local url=$1 pid=$2 log=$3 deadline=$((SECONDS + 60))
-    until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
-        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
-            say "$url did not come up; end of $log:"
-            tail -n 30 "$log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
+# The settings of every userhub process of the run; a profile's URLs come on top.
+userhub_env=(
+    APP_ENV=production
+    APP__SERVER__HOST=127.0.0.1
+    APP__SERVER__DRAIN_SECS=0
+    APP__SERVER__SHUTDOWN_TIMEOUT_SECS=5
+    APP__AUTH__HS256_SECRET="$secret"
+    APP__AUTH__ISSUER="$issuer"
+    APP__AUTH__AUDIENCE="$audience"
+    APP__CONSOLE__SESSION_KEY="bench-console-session-key-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+    APP__RATE_LIMIT__ENABLED=false
+    APP__LOG__LEVEL=warn
+)
+
+# wait_up NAME URL PID T0 [RESULTS_KEY]: polls URL until it answers 200 (see helper.py
+# wait-up); with RESULTS_KEY records the start-up time and the idle RSS.
+wait_up() {
+    local name=$1 url=$2 pid=$3 t0=$4 key=${5:-}
+    if ! python3 "$helper" wait-up "$url" "$pid" "$t0" 60 ${key:+"$results" "$key"} >/dev/null; then
+        say "$name did not come up; end of $work/$name.log:"
+        tail -n 30 "$work/$name.log" >&2
+        exit 1
+    fi
 }
 
-# start_userhub NAME PORT [VAR=VALUE…]: serves every role with APP_ENV=production.
+# start_userhub [--measure KEY] NAME PORT [VAR=VALUE…]: `userhub serve` with the run's
+# settings (APP_ENV=production, every role unless USERHUB_ROLES=… is given; a later
+# VAR=VALUE wins), started in the background; returns once /health answers. With
+# --measure, records KEY: the time from the start to the first 200 and the idle RSS.
+# Sets started_pid and started_t0 (the Unix time just before the start).
 start_userhub() {
+    local key=""
+    if [ "$1" = --measure ]; then
+        key=$2
+        shift 2
+    fi
     local name=$1 port=$2
     shift 2
-    local log="$work/$name.log"
-    env APP_ENV=production \
-        APP__SERVER__HOST=127.0.0.1 \
-        APP__SERVER__PORT="$port" \
-        APP__SERVER__DRAIN_SECS=0 \
-        APP__SERVER__SHUTDOWN_TIMEOUT_SECS=5 \
-        APP__AUTH__HS256_SECRET="$secret" \
-        APP__AUTH__ISSUER="$issuer" \
-        APP__AUTH__AUDIENCE="$audience" \
-        APP__CONSOLE__SESSION_KEY="bench-console-session-key-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')" \
-        APP__RATE_LIMIT__ENABLED=false \
-        APP__LOG__LEVEL=warn \
-        "$@" "$userhub" serve >"$log" 2>&1 &
+    started_t0="$(date +%s.%N)"
+    env "${userhub_env[@]}" APP__SERVER__PORT="$port" "$@" "$userhub" serve >"$work/$name.log" 2>&1 &
     started_pid=$!
     pids+=("$started_pid")
-    wait_http "http://127.0.0.1:$port/health" "$started_pid" "$log"
+    wait_up "$name" "http://127.0.0.1:$port/health" "$started_pid" "$started_t0" "$key"
+}
+
+# run_userhub NAME [VAR=VALUE…] COMMAND…: a one-shot userhub command (migrate,
+# reenrich) with the run's settings; its output goes to $work/NAME.log.
+run_userhub() {
+    local name=$1 vars=()
+    shift
+    while [ "$#" -gt 0 ] && [[ "$1" == *=* ]]; do
+        vars+=("$1")
+        shift
+    done
+    timeout 300 env "${userhub_env[@]}" "${vars[@]}" "$userhub" "$@" >>"$work/$name.log" 2>&1 || {
+        say "userhub $* failed; end of $work/$name.log:"
+        tail -n 30 "$work/$name.log" >&2
+        exit 1
+    }
 }
 
 stop_started() {
@@ -183,13 +293,13 @@ stop_started() {
     pids=("${keep[@]}")
 }
 
-# run_wrk KEY URL [wrk args…]: one measurement, parsed into the results.
+# run_wrk KEY DURATION URL [wrk args…]: one measurement, parsed into the results.
 run_wrk() {
-    local key=$1 url=$2
-    shift 2
+    local key=$1 duration=$2 url=$3
+    shift 3
     local out="$work/$key.wrk"
-    say "$key: wrk -t2 -c64 -d$DURATION $url"
-    timeout $((secs + 60)) wrk -t2 -c64 -d"$DURATION" --latency "$@" "$url" >"$out" 2>&1 || {
+    say "$key: wrk -t2 -c64 -d$duration $url${BENCH_RATE:+ (paced at $BENCH_RATE req/s)}"
+    timeout $((${duration%s} + 60)) wrk -t2 -c64 -d"$duration" --latency "$@" "$url" >"$out" 2>&1 || {
         say "$key: wrk failed:"
         cat "$out" >&2
         exit 1
@@ -209,37 +319,66 @@ create_user() {
     echo "$uuid"
 }
 
-# post_users KEY PORT: POST flat out for DURATION; prints the time the load ended.
+# post_users PROFILE PORT USERS_KIND USERS_WHERE PROFILES_DB: POST flat out for the
+# keep-up duration (as PROFILE_post), then waits until the profile store (SQLite file
+# PROFILES_DB) holds a profile for every user (USERS_KIND sqlite: in the file
+# USERS_WHERE; postgres: in the database URL USERS_WHERE) as PROFILE_enrich.
 post_users() {
-    local key=$1 port=$2
+    local profile=$1 port=$2 users_kind=$3 users_where=$4 profiles_db=$5
     BENCH_RUN="$run_id" BENCH_TOKEN="$token" \
-        run_wrk "$key" "http://127.0.0.1:$port" -s "$root/scripts/bench/post_users.lua"
-    date +%s.%N >"$work/$key.end"
+        run_wrk "${profile}_post" "$keepup_duration" "http://127.0.0.1:$port" \
+        -s "$root/scripts/bench/post_users.lua"
+    local post_end
+    post_end="$(date +%s.%N)"
+    python3 "$helper" wait-enriched "$results" "${profile}_enrich" "$users_kind" "$users_where" \
+        "$profiles_db" "$post_end" "$enrich_limit"
+}
+
+# half_load PROFILE PORT USERS_KIND USERS_WHERE PROFILES_DB: POST for DURATION at half
+# the flat-out rate PROFILE_post measured, as users of their own (e-mail
+# bench-<run>half-…); then their creation→enriched latency (PROFILE_halfload).
+half_load() {
+    local profile=$1 port=$2 users_kind=$3 users_where=$4 profiles_db=$5 rate
+    rate="$(python3 "$helper" half-rate "$results" "${profile}_post")"
+    BENCH_RUN="${run_id}half" BENCH_TOKEN="$token" BENCH_RATE="$rate" BENCH_THREADS=2 \
+        run_wrk "${profile}_halfload_post" "$DURATION" "http://127.0.0.1:$port" \
+        -s "$root/scripts/bench/post_users.lua"
+    python3 "$helper" creation-latency "$results" "${profile}_halfload" "$users_kind" \
+        "$users_where" "$profiles_db" "${run_id}half" "${profile}_halfload_post" "$rate" "$enrich_limit"
+}
+
+# print_table: the table, and the run's exit status (3: the guard failed).
+print_table() {
+    echo
+    local status=0
+    python3 "$helper" table "$results" || status=$?
+    exit "$status"
 }
 
 # --- the ceiling ------------------------------------------------------------------------
 port="$(python3 "$helper" free-port)"
+ceiling_t0="$(date +%s.%N)"
 "$ceiling" "127.0.0.1:$port" >"$work/ceiling.log" 2>&1 &
 ceiling_pid=$!
 pids+=("$ceiling_pid")
-wait_http "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000" "$ceiling_pid" "$work/ceiling.log"
-run_wrk ceiling_get "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000"
+wait_up ceiling "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000" "$ceiling_pid" "$ceiling_t0"
+run_wrk ceiling_get "$DURATION" "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000"
 stop_started "$ceiling_pid"
 
 # --- embedded: SQLite, memory cache, in-process bus -------------------------------------
 port="$(python3 "$helper" free-port)"
 mkdir -p "$work/embedded"
 db="$work/embedded/userhub.db"
-start_userhub embedded "$port" \
-    APP__DATABASE__URL="sqlite://$db" APP__DOCUMENTS__URL="sqlite://$db" \
-    APP__CACHE__URL=memory:// APP__BUS__URL=memory://
+embedded_env=(APP__DATABASE__URL="sqlite://$db" APP__DOCUMENTS__URL="sqlite://$db"
+    APP__CACHE__URL=memory:// APP__BUS__URL=memory://)
+run_userhub embedded-migrate "${embedded_env[@]}" migrate
+start_userhub --measure embedded_start embedded "$port" "${embedded_env[@]}"
 embedded_pid=$started_pid
 uuid="$(create_user "$port")"
-run_wrk embedded_health "http://127.0.0.1:$port/health"
-run_wrk embedded_get "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
-post_users embedded_post "$port"
-python3 "$helper" wait-enriched "$results" embedded_enrich sqlite "$db" "$db" \
-    "$(cat "$work/embedded_post.end")" "$enrich_limit"
+run_wrk embedded_health "$DURATION" "http://127.0.0.1:$port/health"
+run_wrk embedded_get "$DURATION" "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
+post_users embedded "$port" sqlite "$db" "$db"
+half_load embedded "$port" sqlite "$db" "$db"
 stop_started "$embedded_pid"
 
 # --- services: PostgreSQL, Redis, RabbitMQ --------------------------------------------
@@ -249,42 +388,161 @@ answers 6379 || missing+=" Redis(6379)"
 answers 5672 || missing+=" RabbitMQ(5672)"
 if [ -n "$missing" ]; then
     say "not on 127.0.0.1:$missing; skipping the services profile (scripts/test-services.sh starts them)"
-    for key in services_get services_post services_enrich pgbench_create; do
+    for key in services_start services_rss services_get services_post services_post_p99 services_enrich \
+        services_halfload pgbench_create consumer_sql consumer_sql_rate consumer_mongo; do
         python3 "$helper" put "$results" "${key}_skipped" "not running:$missing"
     done
-else
-    pg_db="userhub_bench_$run_id"
-    createdb -h 127.0.0.1 -U postgres "$pg_db"
-    pg_url="postgres://postgres@127.0.0.1:5432/$pg_db"
-    redis_prefix="userhub-bench-$run_id:"
-    amqp_prefix="userhub-bench-$run_id."
-    port="$(python3 "$helper" free-port)"
-    mkdir -p "$work/services"
-    profiles="$work/services/profiles.db"
-    start_userhub services "$port" \
-        APP__DATABASE__URL="$pg_url" APP__DOCUMENTS__URL="sqlite://$profiles" \
-        APP__CACHE__URL=redis://127.0.0.1:6379 APP__CACHE__KEY_PREFIX="$redis_prefix" \
-        APP__BUS__URL='amqp://guest:guest@127.0.0.1:5672/%2f' APP__BUS__PREFIX="$amqp_prefix"
-    services_pid=$started_pid
-    uuid="$(create_user "$port")"
-    run_wrk services_get "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
-    post_users services_post "$port"
-    python3 "$helper" wait-enriched "$results" services_enrich postgres "$pg_url" "$profiles" \
-        "$(cat "$work/services_post.end")" "$enrich_limit"
-    stop_started "$services_pid"
-
-    say "pgbench_create: pgbench -c16 -j2 -T$secs -M prepared (insert+outbox transaction)"
-    timeout $((secs + 60)) pgbench -h 127.0.0.1 -U postgres -n -c16 -j2 -T"$secs" -M prepared \
-        -f "$root/scripts/bench/create_user.pgbench" "$pg_db" >"$work/pgbench.out" 2>&1 || {
-        say "pgbench failed:"
-        cat "$work/pgbench.out" >&2
-        exit 1
-    }
-    python3 "$helper" pgbench "$results" pgbench_create "$work/pgbench.out"
+    print_table
 fi
 
-# --- the table --------------------------------------------------------------------------
-echo
-status=0
-python3 "$helper" table "$results" || status=$?
-exit "$status"
+pg_db="userhub_bench_$run_id"
+createdb -h 127.0.0.1 -U postgres "$pg_db"
+pg_dbs+=("$pg_db")
+pg_url="postgres://postgres@127.0.0.1:5432/$pg_db"
+redis_prefix="userhub-bench-$run_id:"
+amqp_prefix="userhub-bench-$run_id."
+amqp_url='amqp://guest:guest@127.0.0.1:5672/%2f'
+port="$(python3 "$helper" free-port)"
+mkdir -p "$work/services"
+profiles="$work/services/profiles.db"
+services_env=(APP__DATABASE__URL="$pg_url" APP__DOCUMENTS__URL="sqlite://$profiles"
+    APP__CACHE__URL=redis://127.0.0.1:6379 APP__CACHE__KEY_PREFIX="$redis_prefix"
+    APP__BUS__URL="$amqp_url" APP__BUS__PREFIX="$amqp_prefix")
+run_userhub services-migrate "${services_env[@]}" migrate
+start_userhub --measure services_start services "$port" "${services_env[@]}"
+services_pid=$started_pid
+uuid="$(create_user "$port")"
+run_wrk services_get "$DURATION" "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
+post_users services "$port" postgres "$pg_url" "$profiles"
+half_load services "$port" postgres "$pg_url" "$profiles"
+stop_started "$services_pid"
+
+say "pgbench_create: pgbench -c16 -j2 -T$secs -M prepared (insert+outbox transaction)"
+timeout $((secs + 60)) pgbench -h 127.0.0.1 -U postgres -n -c16 -j2 -T"$secs" -M prepared \
+    -f "$root/scripts/bench/create_user.pgbench" "$pg_db" >"$work/pgbench.out" 2>&1 || {
+    say "pgbench failed:"
+    cat "$work/pgbench.out" >&2
+    exit 1
+}
+python3 "$helper" pgbench "$results" pgbench_create "$work/pgbench.out"
+
+# --- consumer throughput: RabbitMQ → profile store, against the store's own ceiling ------
+# One api,relay process (APP_ENV=production: PostgreSQL and RabbitMQ, and a MongoDB
+# documents.url that it never opens) turns `userhub reenrich --all` into N messages in
+# the work queue; then a worker-only process drains them into a fresh store.
+n=$consumer_messages
+consumer_db="userhub_bench_${run_id}_consumer"
+createdb -h 127.0.0.1 -U postgres "$consumer_db"
+pg_dbs+=("$consumer_db")
+consumer_prefix="${amqp_prefix}consumer."
+consumer_queue="${consumer_prefix}enrichment.users"
+mkdir -p "$work/consumer"
+consumer_env=(APP__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$consumer_db"
+    APP__DOCUMENTS__URL="mongodb://127.0.0.1:27017/userhub_bench_${run_id}_unused?directConnection=true"
+    APP__CACHE__URL=redis://127.0.0.1:6379 APP__CACHE__KEY_PREFIX="${redis_prefix}consumer:"
+    APP__BUS__URL="$amqp_url" APP__BUS__PREFIX="$consumer_prefix")
+start_userhub consumer-relay "$(python3 "$helper" free-port)" "${consumer_env[@]}" USERHUB_ROLES=api,relay
+relay_pid=$started_pid
+say "consumer: inserting $n users into $consumer_db"
+psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d "$consumer_db" -c "
+    INSERT INTO users (uuid, name, email, email_key, name_key)
+    SELECT gen_random_uuid(), 'Consumer User ' || i, 'consumer-$run_id-' || i || '@example.com',
+           'consumer-$run_id-' || i || '@example.com', 'consumer user ' || i
+      FROM generate_series(1, $n) AS i" >/dev/null
+
+# queue_users: every user as a message in the (empty) work queue.
+queue_users() {
+    say "consumer: userhub reenrich --all; waiting for $n messages in $consumer_queue"
+    run_userhub consumer-reenrich "${consumer_env[@]}" reenrich --all
+    python3 "$helper" wait-queue "$consumer_queue" "$n" "$consumer_limit" || exit 1
+}
+
+# consume KEY NAME KIND WHERE [VAR=VALUE…]: a worker-only process drains the queue into
+# its store (KIND sqlite: the file WHERE; mongo: the database URL WHERE; VAR=VALUE: its
+# documents.url and more); records KEY, then stops it once every message is
+# acknowledged.
+consume() {
+    local key=$1 name=$2 kind=$3 where=$4
+    shift 4
+    start_userhub "$name" "$(python3 "$helper" free-port)" "${consumer_env[@]}" USERHUB_ROLES=worker "$@"
+    local worker_pid=$started_pid python=python3
+    [ "$kind" = mongo ] && python="$mongo_python"
+    if "$python" "$helper" wait-profiles "$results" "$key" "$kind" "$where" "$n" "$started_t0" "$consumer_limit"; then
+        # The acknowledgements follow the writes.
+        python3 "$helper" wait-queue "$consumer_queue" 0 30 || exit 1
+        stop_started "$worker_pid"
+    else
+        say "$key: the worker did not write $n profiles within $consumer_limit s"
+        python3 "$helper" put "$results" "${key}_skipped" "did not finish; see $name.log"
+        stop_started "$worker_pid"
+        # What it left would be counted as the next store's messages.
+        timeout 30 rabbitmqctl -q purge_queue "$consumer_queue" >/dev/null
+    fi
+}
+
+queue_users
+# Production refuses a SQLite store when the roles are split across processes (see
+# src/startup/adapters.rs refuse_traps): this one process runs in development mode, with
+# production's settings where they matter (pool size, JSON logs at level warn).
+say "consumer_sql: the worker runs WITHOUT APP_ENV=production (production refuses a SQLite store across processes)"
+python3 "$helper" put "$results" note_consumer_sql "consumer throughput, SQLite store: the worker-only process ran without APP_ENV=production (refused there for a SQLite store when roles are split), with production's pool size and JSON logs at level warn"
+consume consumer_sql consumer-sql sqlite "$work/consumer/profiles.db" \
+    APP_ENV=development APP__DOCUMENTS__URL="sqlite://$work/consumer/profiles.db" \
+    APP__DATABASE__MAX_CONNECTIONS=16 APP__LOG__FORMAT=json
+
+say "consumer_sql_ceiling: $n upserts in a python3 sqlite3 loop, one transaction each"
+python3 "$helper" check-upsert "$root/src/enrichment/store.rs" || true
+ceiling_db="$work/consumer/ceiling.db"
+run_userhub consumer-ceiling-migrate APP__DATABASE__URL="sqlite://$ceiling_db" \
+    APP__DOCUMENTS__URL="sqlite://$ceiling_db" APP__BUS__URL=memory:// APP__CACHE__URL=memory:// migrate
+python3 "$helper" sqlite-ceiling "$results" consumer_sql_ceiling "$ceiling_db" "$n" "$ceiling_limit"
+
+# mongo_python: a python3 that imports pymongo (test-services.sh's SecantusDB venv has
+# one; else pip installs it, quietly).
+find_mongo_python() {
+    local python
+    for python in python3 "$root/target/test-services/venv/bin/python"; do
+        if "$python" -c 'import pymongo' >/dev/null 2>&1; then
+            command -v "$python"
+            return 0
+        fi
+    done
+    say "installing pymongo (pip) for the MongoDB rows"
+    python3 -m pip install --quiet --disable-pip-version-check pymongo >&2 || return 1
+    command -v python3
+}
+
+if ! answers 27017; then
+    say "consumer_mongo: nothing answers on 127.0.0.1:27017; skipping the MongoDB rows"
+    python3 "$helper" put "$results" consumer_mongo_skipped "nothing answers on 127.0.0.1:27017"
+elif ! mongo_python="$(find_mongo_python)"; then
+    mongo_python=""
+    say "consumer_mongo: no pymongo to be had; skipping the MongoDB rows"
+    python3 "$helper" put "$results" consumer_mongo_skipped "pymongo could not be installed"
+else
+    consumer_mongo_db="userhub_bench_${run_id}_consumer"
+    ceiling_mongo_db="userhub_bench_${run_id}_ceiling"
+    mongo_dbs+=("userhub_bench_${run_id}_unused" "$consumer_mongo_db" "$ceiling_mongo_db" "${ceiling_mongo_db}_store")
+    # Fewer messages than for SQLite: SecantusDB (Python) is slow, and slower the more
+    # documents a collection holds (the store's conditional filter scans it).
+    say "consumer: keeping $mongo_messages of the $n users for the MongoDB rows"
+    psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d "$consumer_db" -c "
+        DELETE FROM users WHERE uuid NOT IN (SELECT uuid FROM users ORDER BY uuid LIMIT $mongo_messages)" >/dev/null
+    n=$mongo_messages
+    queue_users
+    # MongoDB, PostgreSQL and RabbitMQ: this worker runs with APP_ENV=production.
+    consume consumer_mongo consumer-mongo mongo "mongodb://127.0.0.1:27017/$consumer_mongo_db?directConnection=true" \
+        APP__DOCUMENTS__URL="mongodb://127.0.0.1:27017/$consumer_mongo_db?directConnection=true"
+    say "consumer_mongo_ceiling: $n upserts in a pymongo loop"
+    "$mongo_python" "$helper" mongo-ceiling "$results" consumer_mongo_ceiling \
+        "mongodb://127.0.0.1:27017/$ceiling_mongo_db?directConnection=true" "$n" "$ceiling_limit" \
+        || say "consumer_mongo_ceiling: the pymongo loop failed"
+    # For comparison (not the goal's ceiling): the same loop with the store's own filter.
+    say "consumer_mongo_ceiling_store: the same with the store's conditional filter"
+    "$mongo_python" "$helper" mongo-ceiling "$results" consumer_mongo_ceiling_store \
+        "mongodb://127.0.0.1:27017/${ceiling_mongo_db}_store?directConnection=true" "$n" "$ceiling_limit" store \
+        || say "consumer_mongo_ceiling_store: the pymongo loop failed"
+fi
+stop_started "$relay_pid"
+
+print_table
