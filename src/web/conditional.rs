@@ -40,13 +40,18 @@ fn none_match_fails(req: &HttpRequest, tag: &EntityTag) -> bool {
     }
 }
 
+/// `304 Not Modified`, with the `ETag` the client already holds.
+fn not_modified(tag: EntityTag) -> HttpResponse {
+    HttpResponse::build(StatusCode::NOT_MODIFIED)
+        .insert_header(header::ETag(tag))
+        .finish()
+}
+
 /// `200` with `body` as JSON and `tag` as its `ETag`, or `304 Not Modified` when the
 /// client's `If-None-Match` already holds it.
 pub fn json_tagged<T: Serialize>(req: &HttpRequest, tag: EntityTag, body: &T) -> HttpResponse {
     if none_match_fails(req, &tag) {
-        return HttpResponse::build(StatusCode::NOT_MODIFIED)
-            .insert_header(header::ETag(tag))
-            .finish();
+        return not_modified(tag);
     }
     HttpResponse::Ok()
         .insert_header(header::ETag(tag))
@@ -56,9 +61,7 @@ pub fn json_tagged<T: Serialize>(req: &HttpRequest, tag: EntityTag, body: &T) ->
 /// Like [`json_tagged`], for a body already serialized as JSON.
 pub fn json_body_tagged(req: &HttpRequest, tag: EntityTag, body: String) -> HttpResponse {
     if none_match_fails(req, &tag) {
-        return HttpResponse::build(StatusCode::NOT_MODIFIED)
-            .insert_header(header::ETag(tag))
-            .finish();
+        return not_modified(tag);
     }
     HttpResponse::Ok()
         .insert_header(header::ETag(tag))
@@ -71,9 +74,7 @@ pub fn json_content_tagged<T: Serialize>(req: &HttpRequest, body: &T) -> ApiResu
     let bytes = serde_json::to_vec(body).map_err(anyhow::Error::from)?;
     let tag = content_tag(&bytes);
     if none_match_fails(req, &tag) {
-        return Ok(HttpResponse::build(StatusCode::NOT_MODIFIED)
-            .insert_header(header::ETag(tag))
-            .finish());
+        return Ok(not_modified(tag));
     }
     Ok(HttpResponse::Ok()
         .insert_header(header::ETag(tag))
