@@ -298,6 +298,16 @@ def half_rate(results, key):
     return 0
 
 
+def scaled_rate(results, key, factor):
+    """`factor` times the rate recorded as `key`, in whole requests a second."""
+    rps = (load(results).get(key) or {}).get("rps")
+    if not rps:
+        print(f"bench: no rate recorded as {key}", file=sys.stderr)
+        return 1
+    print(max(1, round(rps * float(factor))))
+    return 0
+
+
 def percentile(sorted_values, p):
     """Nearest-rank percentile of an ascending list."""
     return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
@@ -593,9 +603,9 @@ def mongo_drop(url, *databases):
 
 # Rows left out of the guard on debug binaries, and why (printed whenever they are).
 UNGUARDED_ON_DEBUG = {
-    "services_post_p99": "flat out, the p99 is the queue of 64 connections in front of a "
-                         "CPU-bound debug server (64 / its req/s): it measures the debug "
-                         "build's speed, which the POST ratio already guards",
+    "services_post_paced": "a CPU-bound debug server may not sustain 0.6 × pgbench's tps, "
+                           "and then the p99 is a queue: it measures the debug build's "
+                           "speed, which the POST ratio already guards",
 }
 
 
@@ -707,14 +717,18 @@ def rate_rows(t):
             if goal:
                 check += " " + t.at_least(key, ratio, goal, "ratio")
         t.row(label, fmt_rate(u), ceiling, check, goal_s)
-    # The POST goal has a latency half too.
-    key, label = "services_post_p99", "`POST /api/users` p99, PostgreSQL + RabbitMQ (flat out, 64 connections)"
-    post = r.get("services_post")
+    # The POST goal has a latency half too: the p99 at 0.6 × pgbench's tps (flat out,
+    # the p99 in the row above is mostly the queue of 64 connections).
+    key = "services_post_paced"
+    label = "`POST /api/users` p99 at 0.6 × pgbench's tps, PostgreSQL + RabbitMQ"
+    post = r.get(key)
     if post is None or post.get("p99_ms") is None:
         t.missing(key, label, "≤ 50 ms")
     else:
-        t.row(label, f"{post['p99_ms']:.1f} ms", check=t.at_most(key, post["p99_ms"], 50, "ms"),
-              goal="≤ 50 ms")
+        target = r.get("services_post_paced_target")
+        load_s = f"POST at {post.get('rps', 0):,.0f} req/s" + (f", target {target}" if target else "")
+        t.row(label, f"{post['p99_ms']:.1f} ms", load_s,
+              check=t.at_most(key, post["p99_ms"], 50, "ms"), goal="≤ 50 ms")
 
 
 def keep_up_rows(t):
@@ -875,6 +889,8 @@ def main(argv):
         wait_enriched(*args)
     elif cmd == "half-rate":
         return half_rate(*args)
+    elif cmd == "scaled-rate":
+        return scaled_rate(*args)
     elif cmd == "creation-latency":
         creation_latency(*args)
     elif cmd == "wait-queue":
