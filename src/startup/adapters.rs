@@ -113,16 +113,17 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
 /// `worker.concurrency`, where 0 (the default) picks one per bus. The in-process bus:
 /// 256, since its consumer claims that many at once and the SQLite profile store commits
 /// the profiles that arrive together in one transaction (at 16 the consumer fell behind
-/// a flat-out POST load). RabbitMQ: 16, since it is also the prefetch: a larger one
-/// lets one worker replica hoard messages that others could take, and (256, in the
-/// fault suite) made handlers queue for a slow document store until they timed out.
+/// a flat-out POST load). RabbitMQ: 64, since it is also the prefetch: at 16 the worker
+/// fell behind a flat-out POST load on PostgreSQL; a much larger one lets one worker
+/// replica hoard messages that others could take, and (256, in the fault suite) made
+/// handlers queue for a slow document store until they timed out.
 fn worker_concurrency(settings: &Settings) -> usize {
     match (
         settings.worker.concurrency,
         scheme_of(&settings.bus.url).as_str(),
     ) {
         (0, "memory") => 256,
-        (0, _) => 16,
+        (0, _) => 64,
         (chosen, _) => chosen,
     }
 }
@@ -259,7 +260,7 @@ mod tests {
         assert_eq!(with(&mut settings, "memory://", 0), 256);
         assert_eq!(
             with(&mut settings, "amqp://guest:guest@127.0.0.1:5672/%2f", 0),
-            16
+            64
         );
         assert_eq!(with(&mut settings, "memory://", 3), 3);
         assert_eq!(with(&mut settings, "amqp://127.0.0.1", 40), 40);
