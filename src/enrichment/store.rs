@@ -110,6 +110,14 @@ struct GroupCommit {
     writer: tokio::sync::Mutex<()>,
 }
 
+impl GroupCommit {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 struct Pending {
     profile: EnrichedProfile,
     answer: tokio::sync::oneshot::Sender<Result<Write, StoreError>>,
@@ -234,14 +242,10 @@ impl ProfileStore for SqliteProfileStore {
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
         use tokio::sync::oneshot::error::TryRecvError;
         let (answer, mut answered) = tokio::sync::oneshot::channel();
-        self.group
-            .waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Pending {
-                profile: p.clone(),
-                answer,
-            });
+        self.group.waiting().push(Pending {
+            profile: p.clone(),
+            answer,
+        });
         let _writer = self.group.writer.lock().await;
         // The writer before us may have written ours with its group.
         match answered.try_recv() {
@@ -249,13 +253,7 @@ impl ProfileStore for SqliteProfileStore {
             Err(TryRecvError::Closed) => return Err(abandoned()),
             Err(TryRecvError::Empty) => {}
         }
-        let group = std::mem::take(
-            &mut *self
-                .group
-                .waiting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let group = std::mem::take(&mut *self.group.waiting());
         self.write_group(group).await;
         answered.try_recv().unwrap_or_else(|_| Err(abandoned()))
     }

@@ -91,7 +91,7 @@ impl InProcessBus {
 
     /// Queues `envelopes` on every bound queue whose binding takes them, in one
     /// transaction, and wakes the consumers.
-    async fn enqueue(&self, envelopes: &[Envelope]) -> Result<(), BusError> {
+    async fn enqueue(&self, envelopes: &[&Envelope]) -> Result<(), BusError> {
         let now = now_ms();
         with_pool!(&self.db, |pool| {
             let mut tx = pool.begin().await?;
@@ -157,12 +157,12 @@ impl InProcessBus {
 #[async_trait]
 impl EventBus for InProcessBus {
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        self.enqueue(std::slice::from_ref(envelope)).await
+        self.enqueue(&[envelope]).await
     }
 
     /// The whole batch in one transaction: all of it is accepted, or none.
     async fn publish_all(&self, batch: &[(Envelope, tracing::Span)]) -> (usize, Option<BusError>) {
-        let envelopes: Vec<Envelope> = batch.iter().map(|(envelope, _)| envelope.clone()).collect();
+        let envelopes: Vec<&Envelope> = batch.iter().map(|(envelope, _)| envelope).collect();
         match self.enqueue(&envelopes).await {
             Ok(()) => (batch.len(), None),
             Err(error) => (0, Some(error)),
