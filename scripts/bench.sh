@@ -508,11 +508,11 @@ consume consumer_sql consumer-sql sqlite "$work/consumer/profiles.db" \
     APP__DATABASE__MAX_CONNECTIONS=16 APP__LOG__FORMAT=json
 
 say "consumer_sql_ceiling: $n upserts in a python3 sqlite3 loop, one transaction each"
-python3 "$helper" check-upsert "$root/src/enrichment/store.rs" || true
 ceiling_db="$work/consumer/ceiling.db"
 run_userhub consumer-ceiling-migrate APP__DATABASE__URL="sqlite://$ceiling_db" \
     APP__DOCUMENTS__URL="sqlite://$ceiling_db" APP__BUS__URL=memory:// APP__CACHE__URL=memory:// migrate
-python3 "$helper" sqlite-ceiling "$results" consumer_sql_ceiling "$ceiling_db" "$n" "$ceiling_limit"
+python3 "$helper" sqlite-ceiling "$results" consumer_sql_ceiling "$root/src/enrichment/store.rs" \
+    "$ceiling_db" "$n" "$ceiling_limit"
 
 # mongo_python: a python3 that imports pymongo (test-services.sh's SecantusDB venv has
 # one; else pip installs it, quietly).

@@ -17,9 +17,7 @@ wait-profiles on a MongoDB store import pymongo, which bench.sh makes sure of fi
     helper.py wait-queue QUEUE N LIMIT           polls until a RabbitMQ queue holds N
                                                  messages (N=0: until it is empty)
     helper.py wait-profiles ... (see below)      consumer throughput: polls the store
-    helper.py check-upsert STORE_RS              warns when store.rs's upsert is not the
-                                                 one sqlite-ceiling runs
-    helper.py sqlite-ceiling RESULTS KEY DB N LIMIT
+    helper.py sqlite-ceiling RESULTS KEY STORE_RS DB N LIMIT
     helper.py mongo-ceiling RESULTS KEY URL N LIMIT [store]
                                                  the store's own ceiling: a bare driver
                                                  loop of the consumer's upsert
@@ -455,36 +453,14 @@ def wait_profiles(results, key, kind, where, n, t0, limit):
     return 0 if done >= n else 1
 
 
-# The consumer's upsert, copied from src/enrichment/store.rs (UPSERT); bench.sh warns
-# when the two differ.
-SQLITE_UPSERT = """INSERT INTO enriched_profiles
-         (uuid, name, email, linkedin, github, status, error, source_event_id, version,
-          enriched_at, updated_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, 'completed', NULL, ?6, ?7, ?8, ?8)
-     ON CONFLICT (uuid) DO UPDATE SET
-         name = excluded.name, email = excluded.email,
-         linkedin = excluded.linkedin, github = excluded.github,
-         status = 'completed', error = NULL,
-         source_event_id = excluded.source_event_id, version = excluded.version,
-         enriched_at = excluded.enriched_at, updated_at = excluded.updated_at
-     WHERE enriched_profiles.status <> 'deleted'
-       AND (enriched_profiles.version < excluded.version
-            OR (enriched_profiles.version = excluded.version
-                AND NOT (enriched_profiles.status = 'completed'
-                         AND enriched_profiles.source_event_id
-                             = excluded.source_event_id)))"""
-
-
-def check_upsert(store_rs):
-    """Exit 1 (with a warning) when store.rs's UPSERT is not SQLITE_UPSERT any more."""
+def store_upsert(store_rs):
+    """The consumer's upsert statement, read from src/enrichment/store.rs (UPSERT), so
+    the ceiling always runs the statement the store runs."""
     with open(store_rs) as f:
         m = re.search(r'const UPSERT: &str = "(.*?)";', f.read(), re.S)
-    squash = lambda text: " ".join(text.split())  # noqa: E731
-    if not m or squash(m.group(1)) != squash(SQLITE_UPSERT):
-        print(f"bench: WARNING: the UPSERT of {store_rs} is not the one the SQLite ceiling "
-              "runs (scripts/bench/helper.py SQLITE_UPSERT): copy it over", file=sys.stderr)
-        return 1
-    return 0
+    if not m:
+        raise SystemExit(f"bench: no `const UPSERT: &str = \"…\";` in {store_rs}")
+    return m.group(1)
 
 
 def messages(n):
@@ -504,8 +480,8 @@ def messages(n):
         }
 
 
-def sqlite_ceiling(results, key, db, n, limit):
-    """The SQLite store's ceiling: the consumer's upsert (SQLITE_UPSERT) of `n` new
+def sqlite_ceiling(results, key, store_rs, db, n, limit):
+    """The SQLite store's ceiling: the consumer's upsert (read from `store_rs`) of `n` new
     profiles in a bare sqlite3 loop, one transaction per message, on the fresh file
     `db` (migrated by `userhub migrate`), with the store's pragmas (WAL,
     synchronous=FULL). Stops early after `limit` seconds."""
@@ -513,6 +489,7 @@ def sqlite_ceiling(results, key, db, n, limit):
              m["source_event_id"], m["version"],
              m["at"].strftime("%Y-%m-%dT%H:%M:%S.") + f"{m['at'].microsecond // 1000:03d}Z")
             for m in messages(int(n))]
+    upsert = store_upsert(store_rs)
     con = sqlite3.connect(db, isolation_level=None, timeout=5)
     con.execute("PRAGMA journal_mode = WAL")
     con.execute("PRAGMA synchronous = FULL")
@@ -522,7 +499,7 @@ def sqlite_ceiling(results, key, db, n, limit):
     start = time.perf_counter()
     for row in rows:
         con.execute("BEGIN")
-        written = con.execute(SQLITE_UPSERT, row).rowcount
+        written = con.execute(upsert, row).rowcount
         con.execute("COMMIT")
         if written != 1:
             raise SystemExit(f"bench: the upsert wrote {written} rows, not 1")
@@ -897,8 +874,6 @@ def main(argv):
         return wait_queue(*args)
     elif cmd == "wait-profiles":
         return wait_profiles(*args)
-    elif cmd == "check-upsert":
-        return check_upsert(*args)
     elif cmd == "sqlite-ceiling":
         sqlite_ceiling(*args)
     elif cmd == "mongo-ceiling":
