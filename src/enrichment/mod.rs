@@ -3,6 +3,7 @@
 //! contract.
 
 mod domain;
+mod group;
 mod guarded;
 mod mongo_store;
 pub(crate) mod routes;

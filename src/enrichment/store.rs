@@ -14,9 +14,10 @@ use sqlx::types::uuid::fmt::Hyphenated;
 use uuid::Uuid;
 
 use super::domain::{EnrichedProfile, EnrichmentStatus, Write};
+use super::group::{GroupCommit, Pending};
 use crate::db::DbTime;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("profile store failed: {0}")]
     Backend(String),
@@ -87,7 +88,8 @@ fn written(rows: u64) -> Write {
 
 pub struct SqliteProfileStore {
     pool: SqlitePool,
-    group: GroupCommit,
+    /// Profile upserts are written in groups: see [`GroupCommit`].
+    group: GroupCommit<EnrichedProfile>,
 }
 
 impl SqliteProfileStore {
@@ -97,36 +99,6 @@ impl SqliteProfileStore {
             group: GroupCommit::default(),
         }
     }
-}
-
-/// Upserts that arrive while another group is being written wait, and are then written
-/// together in one transaction (group commit). SQLite has one writer and syncs each
-/// commit to disk, and the consumer hands over a batch of messages at once: one commit
-/// per profile made them queue one by one behind every other write of the database.
-#[derive(Default)]
-struct GroupCommit {
-    waiting: std::sync::Mutex<Vec<Pending>>,
-    /// Held by whoever writes the waiting group.
-    writer: tokio::sync::Mutex<()>,
-}
-
-impl GroupCommit {
-    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-struct Pending {
-    profile: EnrichedProfile,
-    answer: tokio::sync::oneshot::Sender<Result<Write, StoreError>>,
-}
-
-/// The answer of a waiting upsert whose group write was cancelled half-way (its
-/// caller timed out); the transaction was rolled back, and the message is retried.
-fn abandoned() -> StoreError {
-    StoreError::Backend("the group write holding this profile was abandoned".into())
 }
 
 const UPSERT: &str = "INSERT INTO enriched_profiles
@@ -167,12 +139,12 @@ where
 impl SqliteProfileStore {
     /// Writes `group` in one transaction and answers each waiting upsert. If that
     /// fails, each is written on its own, so one bad profile fails alone.
-    async fn write_group(&self, group: Vec<Pending>) {
+    async fn write_group(&self, group: Vec<Pending<EnrichedProfile>>) {
         let together = async {
             let mut tx = self.pool.begin().await?;
             let mut writes = Vec::with_capacity(group.len());
             for pending in &group {
-                writes.push(upsert_on(&mut *tx, &pending.profile).await?);
+                writes.push(upsert_on(&mut *tx, &pending.item).await?);
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(writes)
@@ -180,19 +152,19 @@ impl SqliteProfileStore {
         match together.await {
             Ok(writes) => {
                 for (pending, write) in group.into_iter().zip(writes) {
-                    let _ = pending.answer.send(Ok(write));
+                    pending.answer(Ok(write));
                 }
             }
             Err(error) if group.len() == 1 => {
                 if let Some(pending) = group.into_iter().next() {
-                    let _ = pending.answer.send(Err(error.into()));
+                    pending.answer(Err(error.into()));
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, profiles = group.len(), "group write failed; writing each profile on its own");
                 for pending in group {
-                    let write = upsert_on(&self.pool, &pending.profile).await;
-                    let _ = pending.answer.send(write.map_err(StoreError::from));
+                    let write = upsert_on(&self.pool, &pending.item).await;
+                    pending.answer(write.map_err(StoreError::from));
                 }
             }
         }
@@ -240,22 +212,9 @@ impl ProfileRow {
 impl ProfileStore for SqliteProfileStore {
     #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
-        use tokio::sync::oneshot::error::TryRecvError;
-        let (answer, mut answered) = tokio::sync::oneshot::channel();
-        self.group.waiting().push(Pending {
-            profile: p.clone(),
-            answer,
-        });
-        let _writer = self.group.writer.lock().await;
-        // The writer before us may have written ours with its group.
-        match answered.try_recv() {
-            Ok(result) => return result,
-            Err(TryRecvError::Closed) => return Err(abandoned()),
-            Err(TryRecvError::Empty) => {}
-        }
-        let group = std::mem::take(&mut *self.group.waiting());
-        self.write_group(group).await;
-        answered.try_recv().unwrap_or_else(|_| Err(abandoned()))
+        self.group
+            .submit(p.clone(), |group| self.write_group(group))
+            .await
     }
 
     #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "INSERT enriched_profiles", db.system.name = "sqlite", db.operation.name = "INSERT", db.collection.name = "enriched_profiles"))]
