@@ -1,13 +1,15 @@
 //! Profile store adapter for MongoDB (`documents.url = mongodb://…`): one document per
 //! user in `enriched_users`, fields at the top level, the uuid as its hyphenated string.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::error::{ErrorKind, InsertManyError, WriteFailure};
 use mongodb::options::{ClientOptions, CollectionOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::Deserialize;
@@ -15,6 +17,7 @@ use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use super::domain::{EnrichedProfile, EnrichmentStatus, Write};
+use super::group::{GroupCommit, Pending};
 use super::store::{DELETED, ProfileStore, StoreError, status_of};
 
 /// Used when the URL names no database (`mongodb://host:27017/`).
@@ -34,6 +37,8 @@ pub struct MongoProfileStore {
     profiles: Collection<ProfileDocument>,
     /// Set once the unique index on `uuid` is known to exist.
     indexed: OnceCell<()>,
+    /// Profile upserts are written in groups: see [`MongoProfileStore::write_group`].
+    group: GroupCommit<EnrichedProfile>,
 }
 
 impl MongoProfileStore {
@@ -66,6 +71,7 @@ impl MongoProfileStore {
             database,
             profiles,
             indexed: OnceCell::new(),
+            group: GroupCommit::default(),
         })
     }
 
@@ -210,42 +216,159 @@ async fn conditional_upsert(
     .await
 }
 
+/// The fields a completed profile sets, whether it inserts the user's document or
+/// updates it.
+fn completed_fields(p: &EnrichedProfile) -> Document {
+    doc! {
+        "name": &p.name,
+        "email": &p.email,
+        "linkedin": p.linkedin.as_deref(),
+        "github": p.github.as_deref(),
+        "status": EnrichmentStatus::Completed.as_str(),
+        "error": Bson::Null,
+        "source_event_id": uuid_key(p.source_event_id),
+        "version": version_param(p.version),
+        "enriched_at": p.enriched_at.map(bson::DateTime::from_chrono),
+        "updated_at": bson::DateTime::from_chrono(p.updated_at),
+    }
+}
+
+/// The document of a user the store holds nothing of: what the conditional upsert
+/// would insert.
+fn new_profile_document(p: &EnrichedProfile) -> Document {
+    let mut document = doc! { "uuid": uuid_key(p.uuid) };
+    document.extend(completed_fields(p));
+    document.insert("created_at", bson::DateTime::from_chrono(p.updated_at));
+    document
+}
+
+/// The conditional upsert of a completed profile: not over a tombstone, over an older
+/// version, or over the same version unless it holds this event's profile already.
+async fn upsert_completed(
+    profiles: Collection<ProfileDocument>,
+    p: &EnrichedProfile,
+) -> Result<Write, StoreError> {
+    let event = uuid_key(p.source_event_id);
+    let filter = doc! {
+        "uuid": uuid_key(p.uuid),
+        "status": { "$ne": DELETED },
+        "$or": [
+            older_than(p.version),
+            // The same version again: a failed attempt, or a re-enrichment (another
+            // event); not a redelivery of the event already applied.
+            { "version": version_param(p.version), "$or": [
+                { "status": { "$ne": EnrichmentStatus::Completed.as_str() } },
+                { "source_event_id": { "$ne": &event } },
+            ] },
+        ],
+    };
+    let update = doc! {
+        "$set": completed_fields(p),
+        "$setOnInsert": { "created_at": bson::DateTime::from_chrono(p.updated_at) },
+    };
+    conditional_upsert(profiles, "upsert the profile", filter, update).await
+}
+
+/// What an unordered `insert_many` did to one of its documents, when it did not insert
+/// it.
+enum NotInserted {
+    /// The user has a document already.
+    Exists,
+    Failed(String),
+}
+
+/// The documents an `insert_many` did not insert, by index, when the server answered
+/// for each; an error when it failed as a whole (unreachable, timed out, or its write
+/// concern was not met), and any of them may or may not have been written.
+fn not_inserted(
+    outcome: mongodb::error::Result<()>,
+) -> mongodb::error::Result<HashMap<usize, NotInserted>> {
+    let error = match outcome {
+        Ok(()) => return Ok(HashMap::new()),
+        Err(error) => error,
+    };
+    match error.kind.as_ref() {
+        ErrorKind::InsertMany(InsertManyError {
+            write_errors: Some(write_errors),
+            write_concern_error: None,
+            ..
+        }) => Ok(write_errors
+            .iter()
+            .map(|failure| {
+                let outcome = if failure.code == DUPLICATE_KEY {
+                    NotInserted::Exists
+                } else {
+                    NotInserted::Failed(format!(
+                        "cannot insert the profile: {} ({})",
+                        failure.message, failure.code
+                    ))
+                };
+                (failure.index, outcome)
+            })
+            .collect()),
+        _ => Err(error),
+    }
+}
+
+impl MongoProfileStore {
+    /// Writes a group of completed profiles. Most are a new user's first: they are
+    /// inserted together, in one unordered `insert_many` (one round trip, one write
+    /// concern wait). Those whose user has a document already then take the
+    /// conditional upsert, each on its own.
+    async fn write_group(&self, group: Vec<Pending<EnrichedProfile>>) {
+        let documents: Vec<Document> = group
+            .iter()
+            .map(|pending| new_profile_document(&pending.item))
+            .collect();
+        let collection = self.profiles.clone_with_type::<Document>();
+        let inserted = bounded("insert the profiles", async move {
+            not_inserted(
+                collection
+                    .insert_many(documents)
+                    .ordered(false)
+                    .await
+                    .map(drop),
+            )
+        })
+        .await;
+        let mut not_inserted = match inserted {
+            Ok(not_inserted) => not_inserted,
+            Err(error) => {
+                // Whatever was written is found by the retry (a stale write).
+                for pending in group {
+                    pending.answer(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        let mut existing = Vec::new();
+        for (index, pending) in group.into_iter().enumerate() {
+            match not_inserted.remove(&index) {
+                None => pending.answer(Ok(Write::Applied)),
+                Some(NotInserted::Failed(message)) => {
+                    pending.answer(Err(StoreError::Backend(message)));
+                }
+                Some(NotInserted::Exists) => existing.push(pending),
+            }
+        }
+        join_all(existing.into_iter().map(|pending| async move {
+            let outcome = upsert_completed(self.profiles.clone(), &pending.item).await;
+            pending.answer(outcome);
+        }))
+        .await;
+    }
+}
+
 #[async_trait]
 impl ProfileStore for MongoProfileStore {
     #[tracing::instrument(name = "profiles.upsert", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]
     async fn upsert(&self, p: &EnrichedProfile) -> Result<Write, StoreError> {
-        let event = uuid_key(p.source_event_id);
-        let filter = doc! {
-            "uuid": uuid_key(p.uuid),
-            "status": { "$ne": DELETED },
-            "$or": [
-                older_than(p.version),
-                // The same version again: a failed attempt, or a re-enrichment (another
-                // event); not a redelivery of the event already applied.
-                { "version": version_param(p.version), "$or": [
-                    { "status": { "$ne": EnrichmentStatus::Completed.as_str() } },
-                    { "source_event_id": { "$ne": &event } },
-                ] },
-            ],
-        };
-        let stamp = bson::DateTime::from_chrono(p.updated_at);
-        let update = doc! {
-            "$set": {
-                "name": &p.name,
-                "email": &p.email,
-                "linkedin": p.linkedin.as_deref(),
-                "github": p.github.as_deref(),
-                "status": EnrichmentStatus::Completed.as_str(),
-                "error": Bson::Null,
-                "source_event_id": &event,
-                "version": version_param(p.version),
-                "enriched_at": p.enriched_at.map(bson::DateTime::from_chrono),
-                "updated_at": stamp,
-            },
-            "$setOnInsert": { "created_at": stamp },
-        };
+        // Before any insert: the unique index is what turns a second document for the
+        // user into a duplicate-key error.
         self.ensure_index().await?;
-        conditional_upsert(self.profiles.clone(), "upsert the profile", filter, update).await
+        self.group
+            .submit(p.clone(), |group| self.write_group(group))
+            .await
     }
 
     #[tracing::instrument(name = "profiles.mark_failed", skip_all, fields(otel.kind = "client", otel.name = "update enriched_users", db.system.name = "mongodb", db.operation.name = "update", db.collection.name = "enriched_users"))]

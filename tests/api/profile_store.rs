@@ -197,8 +197,8 @@ async fn concurrent_deliveries_of_one_event_apply_once(store: &dyn ProfileStore)
     }
 }
 
-/// A consumer hands over many messages at once (and the SQLite store writes the
-/// upserts that meet in one transaction): each caller gets its own answer.
+/// A consumer hands over many messages at once (and the stores write the upserts that
+/// meet as one group): each caller gets its own answer.
 async fn many_concurrent_upserts_each_get_their_own_answer(store: &dyn ProfileStore) {
     let newer: Vec<EnrichedProfile> = (0..48)
         .map(|i| derived(Uuid::now_v7(), &format!("User {i}"), 2))
@@ -227,6 +227,20 @@ async fn many_concurrent_upserts_each_get_their_own_answer(store: &dyn ProfileSt
     for p in &newer {
         let read = store.get(p.uuid).await.unwrap().expect("stored");
         assert_eq!((read.name.as_str(), read.version), (p.name.as_str(), 2));
+    }
+}
+
+/// Versions of a new user that arrive together (a consumer catching up on a backlog)
+/// may be written in one group: whichever is written first, the newest stays.
+async fn versions_of_a_new_user_written_together_leave_the_newest(store: &dyn ProfileStore) {
+    for _ in 0..4 {
+        let uuid = Uuid::now_v7();
+        let versions = [2, 1, 3].map(|v| derived(uuid, &format!("Version {v}"), v));
+        let writes = futures_util::future::join_all(versions.iter().map(|p| store.upsert(p))).await;
+        assert!(matches!(writes[2], Ok(Write::Applied)), "{writes:?}");
+        assert!(writes.iter().all(Result::is_ok), "{writes:?}");
+        let read = store.get(uuid).await.unwrap().expect("stored");
+        assert_eq!((read.name.as_str(), read.version), ("Version 3", 3));
     }
 }
 
@@ -279,4 +293,5 @@ contract!(
     an_erased_user_stays_erased,
     concurrent_deliveries_of_one_event_apply_once,
     many_concurrent_upserts_each_get_their_own_answer,
+    versions_of_a_new_user_written_together_leave_the_newest,
 );
