@@ -79,39 +79,48 @@ pub async fn request_context(
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
     );
-    telemetry::set_parent_from(&span, &trace_context_of(req.headers()));
+    // With request spans off (a log level above info and no exporter), the span is
+    // disabled and its trace context and names are skipped.
+    let traced = !span.is_disabled();
+    if traced {
+        telemetry::set_parent_from(&span, &trace_context_of(req.headers()));
+    }
     req.extensions_mut().insert(id.clone());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let started = Instant::now();
     let mut res = next.call(req).instrument(span.clone()).await?;
-    let status = res.status().as_u16();
+    let status = res.status();
     let elapsed = started.elapsed().as_secs_f64();
     // The route pattern, not the path: one series per route, not per uuid.
     let pattern = res.request().match_pattern();
-    let method = res.request().method().as_str().to_owned();
-    if let Some(route) = &pattern {
-        span.record("http.route", route.as_str());
-        telemetry::rename_span(&span, format!("{method} {route}"));
-    }
-    span.record("http.response.status_code", status);
-    if status >= 500 {
-        span.record("otel.status_code", "error");
+    let method = res.request().method().clone();
+    if traced {
+        if let Some(route) = &pattern {
+            span.record("http.route", route.as_str());
+            telemetry::rename_span(&span, format!("{method} {route}"));
+        }
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "error");
+        }
     }
     if let Some(metrics) = metrics {
         let route = pattern.as_deref().unwrap_or("unmatched");
-        metrics.observe_request(&method, route, status, elapsed);
+        metrics.observe_request(method.as_str(), route, status.as_str(), elapsed);
     }
     let latency_ms = elapsed * 1000.0;
-    span.in_scope(|| tracing::info!(status, latency_ms, "request completed"));
+    span.in_scope(|| tracing::info!(status = status.as_u16(), latency_ms, "request completed"));
     if let Ok(value) = HeaderValue::from_str(id.as_str()) {
         res.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    for (name, value) in telemetry::context_headers(&span) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::from_str(&value),
-        ) {
-            res.headers_mut().insert(name, value);
+    if traced {
+        for (name, value) in telemetry::context_headers(&span) {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::from_str(&value),
+            ) {
+                res.headers_mut().insert(name, value);
+            }
         }
     }
     Ok(res)
