@@ -23,7 +23,10 @@
 #
 # Rows, each path with `wrk -t2 -c64 -d$DURATION` (APP_ENV=production settings, rate
 # limits off, log level warn, one admin bearer token):
-#   - the ceiling: examples/ceiling.rs, a minimal actix-web JSON handler;
+#   - the ceiling: examples/ceiling.rs, a minimal actix-web JSON handler. It stays up
+#     for the whole run and is measured again after each read row (GET /health, the
+#     cached GETs) and before the services one: each read ratio is to the mean of the
+#     ceiling runs just before and just after it;
 #   - embedded (SQLite, memory cache, in-process bus), one process with every role:
 #     start → first 200 from /health (on a database `userhub migrate` prepared, polled
 #     every 10 ms) and idle RSS (VmRSS 1 s later, before any load); GET /health;
@@ -362,9 +365,25 @@ ceiling_t0="$(date +%s.%N)"
 "$ceiling" "127.0.0.1:$port" >"$work/ceiling.log" 2>&1 &
 ceiling_pid=$!
 pids+=("$ceiling_pid")
-wait_up ceiling "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000" "$ceiling_pid" "$ceiling_t0"
-run_wrk ceiling_get "$DURATION" "http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000"
-stop_started "$ceiling_pid"
+ceiling_url="http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000"
+wait_up ceiling "$ceiling_url" "$ceiling_pid" "$ceiling_t0"
+run_wrk ceiling_get "$DURATION" "$ceiling_url"
+
+# read_row KEY BEFORE URL [wrk args…]: a read path between two runs of the ceiling
+# (which stays up, idle, for the whole run); its ratio is taken against their mean, so
+# a machine that gets faster or slower during the run moves both sides of it. BEFORE is
+# the key of the ceiling run just before, or "new" to run one.
+read_row() {
+    local key=$1 before=$2
+    shift 2
+    if [ "$before" = new ]; then
+        before="${key}_ceiling_before"
+        run_wrk "$before" "$DURATION" "$ceiling_url"
+    fi
+    run_wrk "$key" "$DURATION" "$@"
+    run_wrk "${key}_ceiling_after" "$DURATION" "$ceiling_url"
+    python3 "$helper" put "$results" "${key}_ceilings" "$before,${key}_ceiling_after"
+}
 
 # --- embedded: SQLite, memory cache, in-process bus -------------------------------------
 port="$(python3 "$helper" free-port)"
@@ -376,8 +395,8 @@ run_userhub embedded-migrate "${embedded_env[@]}" migrate
 start_userhub --measure embedded_start embedded "$port" "${embedded_env[@]}"
 embedded_pid=$started_pid
 uuid="$(create_user "$port")"
-run_wrk embedded_health "$DURATION" "http://127.0.0.1:$port/health"
-run_wrk embedded_get "$DURATION" "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
+read_row embedded_health ceiling_get "http://127.0.0.1:$port/health"
+read_row embedded_get embedded_health_ceiling_after "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
 post_users embedded "$port" sqlite "$db" "$db"
 half_load embedded "$port" sqlite "$db" "$db"
 stop_started "$embedded_pid"
@@ -432,7 +451,7 @@ python3 "$helper" pgbench "$results" pgbench_create "$work/pgbench.out"
 start_userhub --measure services_start services "$port" "${services_env[@]}"
 services_pid=$started_pid
 uuid="$(create_user "$port")"
-run_wrk services_get "$DURATION" "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
+read_row services_get new "http://127.0.0.1:$port/api/users/$uuid" -H "Authorization: Bearer $token"
 post_users services "$port" postgres "$pg_url" "$profiles"
 half_load services "$port" postgres "$pg_url" "$profiles"
 # The latency half of the POST goal: p99 at 0.6 × pgbench's tps (users of their own).
