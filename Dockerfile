@@ -29,8 +29,11 @@ LABEL org.userhub.stage=builder
 WORKDIR /build
 
 # 1. Dependencies only, against placeholder sources: this layer is rebuilt when
-#    Cargo.toml or Cargo.lock change, not when the code does.
+#    Cargo.toml or Cargo.lock change, not when the code does. .cargo/config.toml and
+#    assets/swagger-ui trim the Swagger UI that a dependency embeds.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
+COPY assets assets
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

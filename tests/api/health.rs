@@ -180,6 +180,38 @@ async fn swagger_ui_is_served_and_the_root_redirects_to_the_console() {
 }
 
 #[tokio::test]
+async fn swagger_ui_ships_what_its_page_loads_and_not_the_rest() {
+    let app = spawn_app().await;
+    // What /swagger-ui/ loads, whole.
+    for (asset, at_least) in [
+        ("swagger-ui-bundle.js", 1_000_000),
+        ("swagger-ui-standalone-preset.js", 200_000),
+        ("swagger-ui.css", 100_000),
+    ] {
+        let response = app.get(&format!("/swagger-ui/{asset}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+        let size = response.bytes().await.unwrap().len();
+        assert!(size >= at_least, "{asset} is {size} bytes");
+    }
+    // The source maps and the builds no page here loads: placeholders (.cargo/config.toml).
+    for asset in [
+        "swagger-ui-bundle.js.map",
+        "swagger-ui-es-bundle.js",
+        "swagger-ui-es-bundle-core.js",
+        "swagger-ui.js",
+    ] {
+        let size = app
+            .get(&format!("/swagger-ui/{asset}"))
+            .await
+            .bytes()
+            .await
+            .unwrap()
+            .len();
+        assert!(size < 1_000, "{asset} is {size} bytes");
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_requests_per_route_deliveries_cache_and_backlog() {
     let app = crate::helpers::spawn_running_app().await;
     let user = app.create_user("Ada Lovelace", "ada@example.com").await;
