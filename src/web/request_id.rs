@@ -79,8 +79,8 @@ pub async fn request_context(
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
     );
-    // With request spans off (a log level above info and no exporter), the span is
-    // disabled and its trace context and names are skipped.
+    // A log level above info turns request spans off, exporter or not: the span is
+    // then disabled, and its trace context and names are skipped (they would be empty).
     let traced = !span.is_disabled();
     if traced {
         telemetry::set_parent_from(&span, &trace_context_of(req.headers()));
