@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -349,23 +350,50 @@ impl OutboxRelay {
                     listening = false;
                 }
             }
-            tokio::select! {
+            // Whether a notification came, or the error of the listener.
+            let notified = tokio::select! {
                 () = shutdown.cancelled() => break,
                 // After a failure, new writes must not cut the backoff short.
-                () = self.signal.0.notified(), if consecutive_errors == 0 => {}
-                notified = next_notification(listener.as_mut()), if listening => match notified {
-                    Ok(()) => listener_failures = 0,
-                    Err(error) => {
-                        listener_failures += 1;
-                        let rest = self.backoff.delay(listener_failures);
-                        tracing::warn!(%error, retry_in_ms = rest.as_millis() as u64, "outbox LISTEN connection lost; polling meanwhile");
-                        listener_rests_until = tokio::time::Instant::now() + rest;
-                    }
-                },
-                () = tokio::time::sleep(wait) => {}
+                () = self.signal.0.notified(), if consecutive_errors == 0 => Ok(false),
+                notified = next_notification(listener.as_mut()), if listening => notified.map(|()| true),
+                () = tokio::time::sleep(wait) => Ok(false),
+            };
+            let notified = notified.and_then(|notified| {
+                let waiting = self.take_waiting_wakeups(listener.as_mut().filter(|_| listening))?;
+                Ok(notified || waiting)
+            });
+            match notified {
+                Ok(true) => listener_failures = 0,
+                Ok(false) => {}
+                Err(error) => {
+                    listener_failures += 1;
+                    let rest = self.backoff.delay(listener_failures);
+                    tracing::warn!(%error, retry_in_ms = rest.as_millis() as u64, "outbox LISTEN connection lost; polling meanwhile");
+                    listener_rests_until = tokio::time::Instant::now() + rest;
+                }
             }
         }
         tracing::info!("outbox relay stopped");
+    }
+
+    /// Takes the wake-ups that have already arrived: the signal's permit and the
+    /// notifications already received. Their commits are done, so the batch about to
+    /// run reads their rows; left waiting, each would cost a batch of its own, mostly
+    /// empty (under a steady load of creates, about one a commit). Returns whether a
+    /// notification was taken, or the error of a listener that failed meanwhile.
+    fn take_waiting_wakeups(&self, listener: Option<&mut PgListener>) -> sqlx::Result<bool> {
+        // Polled once: a stored permit is taken; otherwise nothing is registered.
+        let _ = self.signal.0.notified().now_or_never();
+        let Some(listener) = listener else {
+            return Ok(false);
+        };
+        let mut taken = false;
+        // Ready at once only for what the connection has already received; a
+        // connection found lost is reconnected by the next `recv`.
+        while let Some(Some(_)) = listener.try_recv().now_or_never().transpose()? {
+            taken = true;
+        }
+        Ok(taken)
     }
 }
 

@@ -1,6 +1,7 @@
 //! PostgreSQL-only guarantees of the outbox relay: concurrent relays share the outbox
-//! without publishing a row twice or skipping one, and LISTEN/NOTIFY wakes a relay in
-//! another process at once.
+//! without publishing a row twice or skipping one, LISTEN/NOTIFY wakes a relay in
+//! another process at once, and notifications that pile up during a batch cost one
+//! more batch, not one each.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use userhub::db::Database;
 use userhub::outbox::{OutboxRelay, OutboxSignal};
 use userhub::users::{Email, NewUser, SqlUserRepository, UserName, UserRepository};
 
-use crate::helpers::{DEADLINE, PgTestDatabase};
+use crate::helpers::{DEADLINE, PgTestDatabase, eventually};
 use crate::services::{POSTGRES, service_url};
 
 /// A bus that records what it is given; publishing yields so relays interleave.
@@ -35,6 +36,65 @@ impl EventBus for RecordingBus {
         tokio::time::sleep(Duration::from_millis(1)).await;
         self.published.lock().unwrap().push(envelope.id);
         Ok(())
+    }
+
+    async fn consume(&self, _: &Binding, _: Arc<dyn EventHandler>, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn dead_letters(&self, _: u32, _: Option<&str>) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(Vec::new())
+    }
+
+    async fn replay(&self, _: &str) -> Result<bool, BusError> {
+        Ok(false)
+    }
+
+    async fn replay_all(&self, _: &ReplayFilter) -> Result<u64, BusError> {
+        Ok(0)
+    }
+}
+
+/// A bus that records the size of every batch the relay hands it, empty ones
+/// included, and holds the first batch with rows until the test lets it go.
+struct BatchBus {
+    sizes: Mutex<Vec<usize>>,
+    held: tokio::sync::Semaphore,
+}
+
+impl BatchBus {
+    fn new() -> Self {
+        Self {
+            sizes: Mutex::default(),
+            held: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl EventBus for BatchBus {
+    async fn publish(&self, _: &Envelope) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn publish_all(&self, batch: &[(Envelope, tracing::Span)]) -> (usize, Option<BusError>) {
+        let first_with_rows = {
+            let mut sizes = self.sizes.lock().unwrap();
+            sizes.push(batch.len());
+            !batch.is_empty() && sizes.iter().filter(|n| **n > 0).count() == 1
+        };
+        if first_with_rows {
+            self.held.acquire().await.unwrap().forget();
+        }
+        (batch.len(), None)
     }
 
     async fn consume(&self, _: &Binding, _: Arc<dyn EventHandler>, shutdown: CancellationToken) {
@@ -189,5 +249,70 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
     assert!(took < Duration::from_secs(5), "woken after {took:?}");
     shutdown.cancel();
     running.await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
+    if service_url(POSTGRES).is_none() {
+        return;
+    }
+    let test_db = PgTestDatabase::create().await;
+    let (database, pool) = migrated(&test_db).await;
+    let bus = Arc::new(BatchBus::new());
+    // Woken by NOTIFY alone: no in-process signal, and a poll beyond the deadline.
+    let relay = Arc::new(OutboxRelay::new(
+        database,
+        bus.clone(),
+        OutboxSignal::default(),
+        100,
+        Duration::from_secs(600),
+    ));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run(shutdown).await }
+    });
+    let batches = async |n: usize| {
+        eventually(&format!("{n} batches"), async || {
+            let sizes = bus.sizes();
+            (sizes.len() >= n).then_some(sizes)
+        })
+        .await
+    };
+    // The batch at start finds nothing; the relay listens once it is done.
+    batches(1).await;
+    eventually("the relay listening", async || {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    create_users(&pool, 0..1).await;
+    batches(2).await;
+    // While that batch is held, 50 notifications arrive, as 50 commits of other
+    // processes would send them (their rows are already in the held batch's read or
+    // the next one's): distinct payloads, so PostgreSQL folds none of them.
+    sqlx::query("SELECT pg_notify('userhub_outbox', g::text) FROM generate_series(1, 50) g")
+        .execute(&pool)
+        .await
+        .unwrap();
+    bus.held.add_permits(1);
+    // One batch answers them all, and finds nothing.
+    assert_eq!(batches(3).await, [0, 1, 0]);
+    // The relay is idle again: the next commit gets the next batch.
+    create_users(&pool, 1..2).await;
+    assert_eq!(batches(4).await, [0, 1, 0, 1]);
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(
+        bus.sizes(),
+        [0, 1, 0, 1],
+        "no batch for a notification already answered"
+    );
     pool.close().await;
 }
