@@ -1,7 +1,8 @@
 //! PostgreSQL-only guarantees of the outbox relay: concurrent relays share the outbox
 //! without publishing a row twice or skipping one, LISTEN/NOTIFY wakes a relay in
 //! another process at once, and notifications that pile up during a batch cost one
-//! more batch, not one each.
+//! more batch, not one each. And of the pool: a connection cut while idle is replaced,
+//! not handed out.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -314,5 +315,38 @@ async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
         [0, 1, 0, 1],
         "no batch for a notification already answered"
     );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_cut_while_idle_is_replaced_not_handed_out() {
+    if service_url(POSTGRES).is_none() {
+        return;
+    }
+    let test_db = PgTestDatabase::create().await;
+    let (_database, pool) = migrated(&test_db).await;
+    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+    // Every connection of the pool cut from outside, as a restart or an
+    // idle-connection reaper would.
+    let admin = sqlx::PgPool::connect(&test_db.url).await.unwrap();
+    let cut: Vec<i32> = sqlx::query_scalar(
+        "WITH others AS MATERIALIZED (
+             SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid())
+         SELECT pid FROM others WHERE pg_terminate_backend(pid)",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!cut.is_empty(), "the pool had connections to cut");
+    // Idle past the window in which a pooled connection is used without a ping:
+    // this wait is the condition under test, not a synchronisation.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("a live connection, not a cut one");
+    assert!(!cut.contains(&pid));
+    admin.close().await;
     pool.close().await;
 }
