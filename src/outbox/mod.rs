@@ -11,6 +11,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use sqlx::postgres::PgListener;
+use sqlx::query::Query;
+use sqlx::{Encode, Type};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,24 +36,43 @@ impl OutboxSignal {
     }
 }
 
+/// The statement that adds an event to the outbox, `$1` to `$6` bound by [`bind`]. A
+/// change on PostgreSQL can write its event in the same statement: `WITH change AS
+/// (INSERT … $7 …)` followed by this (see the users repository's create).
+pub const INSERT: &str =
+    "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at, subject)
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Binds `envelope` to `$1` to `$6` of [`INSERT`].
+pub fn bind<'q, DB>(
+    query: Query<'q, DB, <DB as sqlx::Database>::Arguments>,
+    envelope: &Envelope,
+) -> sqlx::Result<Query<'q, DB, <DB as sqlx::Database>::Arguments>>
+where
+    DB: sqlx::Database,
+    for<'t> DbUuid: Encode<'t, DB> + Type<DB>,
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
+{
+    let headers =
+        serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    Ok(query
+        .bind(DbUuid(envelope.id))
+        .bind(envelope.routing_key.clone())
+        .bind(envelope.payload.clone())
+        .bind(headers)
+        .bind(envelope.occurred_at)
+        .bind(envelope.subject().map(str::to_owned)))
+}
+
 /// Adds `envelope` to the outbox inside the caller's transaction. On PostgreSQL a
 /// trigger notifies the relays of other processes when that transaction commits.
 pub async fn enqueue(tx: &mut Tx, envelope: &Envelope) -> sqlx::Result<()> {
-    let headers =
-        serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    with_tx!(tx, |conn| sqlx::query(
-        "INSERT INTO outbox (event_id, routing_key, payload, headers, occurred_at, subject)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(DbUuid(envelope.id))
-    .bind(&envelope.routing_key)
-    .bind(&envelope.payload)
-    .bind(&headers)
-    .bind(envelope.occurred_at)
-    .bind(envelope.subject())
-    .execute(&mut **conn)
-    .await
-    .map(drop))
+    with_tx!(tx, |conn| bind(sqlx::query(INSERT), envelope)?
+        .execute(&mut **conn)
+        .await
+        .map(drop))
 }
 
 /// Inside the caller's transaction, erases `subject` from the outbox: its unsent
