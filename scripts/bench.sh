@@ -37,7 +37,7 @@
 #     the users of that phase alone, p50/p99 of creation→enriched by the stores'
 #     timestamps (profile created_at − user created_at);
 #   - services, when PostgreSQL (5432), Redis (6379) and RabbitMQ (5672) answer on
-#     127.0.0.1: pgbench of the POST's insert+outbox transaction (scripts/bench/
+#     127.0.0.1: pgbench of the POST's insert of the user and its event (scripts/bench/
 #     create_user.pgbench, 16 clients, in a database of its own) as the ceiling of the
 #     POST; then the same start/RSS, GET (Redis hit), POST, keep-up and half-load rows
 #     on PostgreSQL + RabbitMQ + a SQLite profile store, and POST paced at 0.6 ×
@@ -434,12 +434,13 @@ services_env=(APP__DATABASE__URL="$pg_url" APP__DOCUMENTS__URL="sqlite://$profil
 run_userhub services-migrate "${services_env[@]}" migrate
 
 # The ceiling of the POST first, in a database of its own (its outbox rows must not
-# reach the bus of the run): pgbench of the same insert+outbox transaction.
+# reach the bus of the run): pgbench of the same statement, the user and its event in
+# one data-modifying WITH.
 pgbench_db="${pg_db}_pgbench"
 createdb -h 127.0.0.1 -U postgres "$pgbench_db"
 pg_dbs+=("$pgbench_db")
 run_userhub pgbench-migrate APP__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$pgbench_db" migrate
-say "pgbench_create: pgbench -c16 -j2 -T$secs -M prepared (insert+outbox transaction)"
+say "pgbench_create: pgbench -c16 -j2 -T$secs -M prepared (the user+event statement)"
 timeout $((secs + 60)) env PGSSLMODE=disable pgbench -h 127.0.0.1 -U postgres -n -c16 -j2 -T"$secs" -M prepared \
     -f "$root/scripts/bench/create_user.pgbench" "$pgbench_db" >"$work/pgbench.out" 2>&1 || {
     say "pgbench failed:"

@@ -311,12 +311,11 @@ fn postgres_options(url: &str, settings: &DatabaseSettings) -> anyhow::Result<Pg
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_millis(500);
 
 /// sqlx pings a connection when it goes back to the pool and, by default, again when
-/// it is taken out: with the transaction's BEGIN and COMMIT, six round trips for a
-/// create's two INSERTs. The second ping is kept only for connections idle for
+/// it is taken out: three round trips for a create's one statement. The second ping is kept only for connections idle for
 /// [`PING_WHEN_IDLE_FOR`] or more, which are the ones a restart, a failover or an
 /// idle-connection reaper may have cut meanwhile (a failed ping discards the
 /// connection and takes another). A connection cut within that window fails its next
-/// statement instead: that request gets a 503 and nothing is written.
+/// statement instead: that request fails (a 500) and nothing is written.
 fn postgres_pool(settings: &DatabaseSettings) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(settings.max_connections)

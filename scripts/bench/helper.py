@@ -665,7 +665,7 @@ RATE_ROWS = [
     ("`GET /api/users/{uuid}`, embedded, memory cache hit", "embedded_get", "ceiling_get", CEILING, 0.7),
     ("`GET /api/users/{uuid}`, PostgreSQL, Redis cache hit", "services_get", "ceiling_get", CEILING, 0.5),
     ("`POST /api/users`, PostgreSQL + RabbitMQ", "services_post", "pgbench_create",
-     "pgbench insert+outbox, 16 clients", 0.6),
+     "pgbench of the same user+event statement, 16 clients", 0.6),
     ("`POST /api/users`, embedded SQLite", "embedded_post", None, None, None),
 ]
 
