@@ -19,15 +19,32 @@ use userhub::users::{Email, NewUser, SqlUserRepository, UserName, UserRepository
 use crate::helpers::{DEADLINE, PgTestDatabase, eventually};
 use crate::services::{POSTGRES, service_url};
 
-/// A bus that records what it is given; publishing yields so relays interleave.
-#[derive(Default)]
+/// A bus that records what it is given: every envelope's id, and the size of every
+/// batch, empty ones included. Publishing yields so relays interleave. A holding bus
+/// keeps its first batch with rows until the test adds a permit to `held`.
 struct RecordingBus {
     published: Mutex<Vec<uuid::Uuid>>,
+    sizes: Mutex<Vec<usize>>,
+    hold_first: bool,
+    held: tokio::sync::Semaphore,
 }
 
 impl RecordingBus {
+    fn new(hold_first: bool) -> Self {
+        Self {
+            published: Mutex::default(),
+            sizes: Mutex::default(),
+            hold_first,
+            held: tokio::sync::Semaphore::new(0),
+        }
+    }
+
     fn ids(&self) -> Vec<uuid::Uuid> {
         self.published.lock().unwrap().clone()
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().unwrap().clone()
     }
 }
 
@@ -39,61 +56,17 @@ impl EventBus for RecordingBus {
         Ok(())
     }
 
-    async fn consume(&self, _: &Binding, _: Arc<dyn EventHandler>, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
-    }
-
-    async fn ping(&self) -> Result<(), BusError> {
-        Ok(())
-    }
-
-    async fn dead_letters(&self, _: u32, _: Option<&str>) -> Result<Vec<DeadLetter>, BusError> {
-        Ok(Vec::new())
-    }
-
-    async fn replay(&self, _: &str) -> Result<bool, BusError> {
-        Ok(false)
-    }
-
-    async fn replay_all(&self, _: &ReplayFilter) -> Result<u64, BusError> {
-        Ok(0)
-    }
-}
-
-/// A bus that records the size of every batch the relay hands it, empty ones
-/// included, and holds the first batch with rows until the test lets it go.
-struct BatchBus {
-    sizes: Mutex<Vec<usize>>,
-    held: tokio::sync::Semaphore,
-}
-
-impl BatchBus {
-    fn new() -> Self {
-        Self {
-            sizes: Mutex::default(),
-            held: tokio::sync::Semaphore::new(0),
-        }
-    }
-
-    fn sizes(&self) -> Vec<usize> {
-        self.sizes.lock().unwrap().clone()
-    }
-}
-
-#[async_trait]
-impl EventBus for BatchBus {
-    async fn publish(&self, _: &Envelope) -> Result<(), BusError> {
-        Ok(())
-    }
-
     async fn publish_all(&self, batch: &[(Envelope, tracing::Span)]) -> (usize, Option<BusError>) {
         let first_with_rows = {
             let mut sizes = self.sizes.lock().unwrap();
             sizes.push(batch.len());
             !batch.is_empty() && sizes.iter().filter(|n| **n > 0).count() == 1
         };
-        if first_with_rows {
+        if self.hold_first && first_with_rows {
             self.held.acquire().await.unwrap().forget();
+        }
+        for (envelope, _) in batch {
+            self.publish(envelope).await.unwrap();
         }
         (batch.len(), None)
     }
@@ -129,6 +102,27 @@ async fn migrated(test_db: &PgTestDatabase) -> (Database, sqlx::PgPool) {
     (database, pool)
 }
 
+/// Runs a relay that only NOTIFY can wake in time: no in-process signal, and a poll
+/// far beyond the deadline. Cancel the token, then await the handle.
+fn run_notified_relay(
+    database: Database,
+    bus: Arc<RecordingBus>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let relay = OutboxRelay::new(
+        database,
+        bus,
+        OutboxSignal::default(),
+        100,
+        Duration::from_secs(600),
+    );
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    (shutdown, running)
+}
+
 async fn create_users(pool: &sqlx::PgPool, range: std::ops::Range<usize>) {
     let repository = SqlUserRepository::new(Database::Postgres(pool.clone()));
     for i in range {
@@ -152,7 +146,7 @@ async fn two_relays_publish_every_row_exactly_once() {
     let (database, pool) = migrated(&test_db).await;
     create_users(&pool, 0..300).await;
 
-    let bus = Arc::new(RecordingBus::default());
+    let bus = Arc::new(RecordingBus::new(false));
     let relay = |batch| {
         OutboxRelay::new(
             database.clone(),
@@ -195,20 +189,8 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
     let (database, pool) = migrated(&test_db).await;
     create_users(&pool, 0..1).await;
 
-    let bus = Arc::new(RecordingBus::default());
-    // A poll far beyond the deadline: only NOTIFY can wake it in time.
-    let relay = Arc::new(OutboxRelay::new(
-        database,
-        bus.clone(),
-        OutboxSignal::default(),
-        100,
-        Duration::from_secs(600),
-    ));
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run(shutdown).await }
-    });
+    let bus = Arc::new(RecordingBus::new(false));
+    let (shutdown, running) = run_notified_relay(database, bus.clone());
     let wait_for = async |n: usize| {
         let started = Instant::now();
         while bus.ids().len() < n {
@@ -260,20 +242,8 @@ async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
     }
     let test_db = PgTestDatabase::create().await;
     let (database, pool) = migrated(&test_db).await;
-    let bus = Arc::new(BatchBus::new());
-    // Woken by NOTIFY alone: no in-process signal, and a poll beyond the deadline.
-    let relay = Arc::new(OutboxRelay::new(
-        database,
-        bus.clone(),
-        OutboxSignal::default(),
-        100,
-        Duration::from_secs(600),
-    ));
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run(shutdown).await }
-    });
+    let bus = Arc::new(RecordingBus::new(true));
+    let (shutdown, running) = run_notified_relay(database, bus.clone());
     let batches = async |n: usize| {
         eventually(&format!("{n} batches"), async || {
             let sizes = bus.sizes();
