@@ -315,7 +315,7 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_millis(500);
 /// [`PING_WHEN_IDLE_FOR`] or more, which are the ones a restart, a failover or an
 /// idle-connection reaper may have cut meanwhile (a failed ping discards the
 /// connection and takes another). A connection cut within that window fails its next
-/// statement instead: that request fails (a 500) and nothing is written.
+/// statement instead: that request answers 503 and nothing is written.
 fn postgres_pool(settings: &DatabaseSettings) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(settings.max_connections)

@@ -157,14 +157,18 @@ impl ResponseError for ApiError {
     }
 }
 
-/// A database error as the client sees it: pool exhaustion is "try again", the rest
-/// is ours.
+/// A database error as the client sees it: pool exhaustion and a lost connection (a
+/// restart, a failover) are "try again", the rest is ours.
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::PoolTimedOut => {
                 tracing::warn!("database pool exhausted");
                 Self::Unavailable("The database is busy; try again shortly".into())
+            }
+            sqlx::Error::Io(error) => {
+                tracing::warn!(%error, "database connection lost");
+                Self::Unavailable("The database connection was lost; try again shortly".into())
             }
             other => Self::Internal(other.into()),
         }
@@ -235,4 +239,21 @@ pub fn problem_for_plain_errors<B: MessageBody + 'static>(
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, new).map_into_right_body(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_database_connection_is_try_again_and_other_database_errors_are_ours() {
+        let lost = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let response = ApiError::from(sqlx::Error::Io(lost)).error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "5");
+        let response = ApiError::from(sqlx::Error::PoolTimedOut).error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = ApiError::from(sqlx::Error::RowNotFound).error_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }
