@@ -311,11 +311,12 @@ fn postgres_options(url: &str, settings: &DatabaseSettings) -> anyhow::Result<Pg
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_millis(500);
 
 /// sqlx pings a connection when it goes back to the pool and, by default, again when
-/// it is taken out: three round trips for a create's one statement. The second ping is kept only for connections idle for
-/// [`PING_WHEN_IDLE_FOR`] or more, which are the ones a restart, a failover or an
-/// idle-connection reaper may have cut meanwhile (a failed ping discards the
-/// connection and takes another). A connection cut within that window fails its next
-/// statement instead: that request answers 503 and nothing is written.
+/// it is taken out: three round trips for a create's one statement. The second ping
+/// is kept only for connections idle for [`PING_WHEN_IDLE_FOR`] or more, which are the
+/// ones a restart, a failover or an idle-connection reaper may have cut meanwhile (a
+/// failed ping discards the connection and takes another). A connection cut within
+/// that window fails its next statement instead: that request answers 503 and nothing
+/// is written.
 fn postgres_pool(settings: &DatabaseSettings) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(settings.max_connections)

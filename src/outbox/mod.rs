@@ -51,19 +51,19 @@ pub fn bind<'q, DB>(
 where
     DB: sqlx::Database,
     for<'t> DbUuid: Encode<'t, DB> + Type<DB>,
-    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
-    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
 {
     let headers =
         serde_json::to_string(&envelope.headers).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     Ok(query
         .bind(DbUuid(envelope.id))
-        .bind(envelope.routing_key.clone())
-        .bind(envelope.payload.clone())
-        .bind(headers)
+        .bind(envelope.routing_key.as_str())
+        .bind(envelope.payload.as_str())
+        .bind(headers.as_str())
         .bind(envelope.occurred_at)
-        .bind(envelope.subject().map(str::to_owned)))
+        .bind(envelope.subject()))
 }
 
 /// Adds `envelope` to the outbox inside the caller's transaction. On PostgreSQL a

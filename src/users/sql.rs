@@ -1,6 +1,7 @@
 //! The user repository on SQLite or PostgreSQL: one SQL text per operation, run on
 //! whichever pool `database.url` chose (`$N` placeholders; uuids and timestamps through
-//! [`DbUuid`] and [`DbTime`]). Every change writes its event in the same transaction.
+//! [`DbUuid`] and [`DbTime`]). Every change writes its event in the same transaction;
+//! a create on PostgreSQL, in the same statement (see [`CREATE_USER_AND_EVENT`]).
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::domain::{NewUser, UserPatch};
@@ -18,7 +20,6 @@ use super::repository::{
 use crate::db::{Database, DbTime, DbUuid, Tx};
 use crate::events::REASON_REENRICH;
 use crate::{bus, outbox, with_pool, with_tx};
-use sqlx::PgPool;
 
 /// How long an idempotency key answers with its first response.
 pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
