@@ -102,6 +102,10 @@ async fn migrated(test_db: &PgTestDatabase) -> (Database, sqlx::PgPool) {
     (database, pool)
 }
 
+/// The backend of a relay's LISTEN connection.
+const LISTENER: &str = "SELECT pid FROM pg_stat_activity
+                         WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+
 /// Runs a relay that only NOTIFY can wake in time: no in-process signal, and a poll
 /// far beyond the deadline. Cancel the token, then await the handle.
 fn run_notified_relay(
@@ -207,8 +211,6 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
 
     // The LISTEN connection dies (a failover, an idle-connection reaper): the relay
     // listens again on a new one, and is still woken at once.
-    const LISTENER: &str = "SELECT pid FROM pg_stat_activity
-                             WHERE datname = current_database() AND query LIKE 'LISTEN%'";
     let pid: i32 = sqlx::query_scalar(LISTENER).fetch_one(&pool).await.unwrap();
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
@@ -251,16 +253,14 @@ async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
         })
         .await
     };
-    // The batch at start finds nothing; the relay listens once it is done.
+    // The batch at start finds nothing. The relay sent its LISTEN before it; wait until
+    // the server shows it too.
     batches(1).await;
     eventually("the relay listening", async || {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity
-              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-        )
-        .fetch_optional(&pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar::<_, i32>(LISTENER)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
     })
     .await;
     create_users(&pool, 0..1).await;
