@@ -163,9 +163,15 @@ fn credentials(headers: &HeaderMap) -> Credentials<'_> {
     if values.next().is_some() {
         return Credentials::Malformed;
     }
-    let Ok(value) = value.to_str() else {
+    // ASCII and UTF-8 checks that test a word at a time: a header value has no control
+    // characters but tab, so this accepts what `HeaderValue::to_str` does (visible
+    // ASCII), which tests the token a byte at a time (0.8% of a cached GET's samples).
+    let Ok(value) = std::str::from_utf8(value.as_bytes()) else {
         return Credentials::Malformed;
     };
+    if !value.is_ascii() {
+        return Credentials::Malformed;
+    }
     let value = value.trim();
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -422,5 +428,9 @@ mod tests {
         assert_eq!(parse(&["Bearer"]), "malformed");
         assert_eq!(parse(&["Bearer   "]), "malformed");
         assert_eq!(parse(&["Bearer a", "Bearer b"]), "malformed");
+        let not_ascii = HeaderValue::from_bytes("Bearer abc\u{e9}".as_bytes()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, not_ascii);
+        assert!(matches!(credentials(&headers), Credentials::Malformed));
     }
 }
