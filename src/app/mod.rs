@@ -46,11 +46,12 @@ pub struct Routes {
 impl Routes {
     /// Registers every route and what it needs; for [`crate::web::serve`].
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        // The router tries resources in this order, so the busy ones come first: the
+        // Swagger UI's catch-all pattern ahead of the API cost every API request one
+        // more regex search (3% of a cached GET's instructions).
         cfg.app_data(web::Data::new(self.readiness.clone()))
             .app_data(web::Data::new(self.gauges.clone()))
-            .configure(health::configure)
-            .configure(openapi::configure)
-            .configure(asyncapi::configure);
+            .configure(health::configure);
         if self.serve_api {
             cfg.app_data(web::Data::new(self.users.clone()))
                 .app_data(web::Data::new(self.enrichment.clone()))
@@ -61,6 +62,8 @@ impl Routes {
                 .configure(profile_view::configure)
                 .configure(admin::configure);
         }
+        cfg.configure(openapi::configure)
+            .configure(asyncapi::configure);
         match (&self.console, self.serve_api) {
             (Some(console), true) => {
                 cfg.configure(|cfg| console.configure(cfg))
