@@ -9,6 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use uuid::Uuid;
+use uuid::fmt::Hyphenated;
 
 pub use memory::MemoryCache;
 pub use redis_cache::{CacheStats, RedisCache};
@@ -36,9 +38,20 @@ pub trait Cache: Send + Sync {
     async fn ping(&self) -> Result<(), String>;
 }
 
-/// The key of `id` in `namespace`, e.g. `userhub:v3:user:0193…`.
-pub fn key(namespace: &str, id: impl std::fmt::Display) -> String {
-    format!("userhub:{KEY_VERSION}:{namespace}:{id}")
+/// The key of `id` in `namespace`, e.g. `userhub:v3:user:0193…`. Built by hand: with
+/// `format!`, `Uuid`'s `Display` took 4% of a cached GET's instructions.
+pub fn key(namespace: &str, id: Uuid) -> String {
+    const PREFIX: &str = "userhub:";
+    let mut key = String::with_capacity(
+        PREFIX.len() + KEY_VERSION.len() + namespace.len() + 2 + Hyphenated::LENGTH,
+    );
+    key.push_str(PREFIX);
+    key.push_str(KEY_VERSION);
+    key.push(':');
+    key.push_str(namespace);
+    key.push(':');
+    key.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+    key
 }
 
 /// What a lookup found.
@@ -80,4 +93,18 @@ pub async fn put_gone(cache: &dyn Cache, key: &str, version: u64) {
 pub struct CachePolicy {
     pub ttl: Duration,
     pub max_entries: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_names_the_version_the_namespace_and_the_hyphenated_uuid() {
+        let id = Uuid::parse_str("0193A0A0-0000-7000-8000-00000000002A").unwrap();
+        let key = key("user", id);
+        assert_eq!(key, "userhub:v3:user:0193a0a0-0000-7000-8000-00000000002a");
+        assert_eq!(key, format!("userhub:{KEY_VERSION}:user:{id}"));
+        assert_eq!(key.len(), key.capacity());
+    }
 }
