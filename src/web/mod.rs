@@ -62,8 +62,9 @@ where
                 .detail(format!("The query string is malformed: {err}"));
             actix_web::error::InternalError::from_response(err, problem.response()).into()
         });
-        let security = stack.hardening.clone();
+        let security = &stack.hardening;
         let limiter = security.rate_limiter.clone();
+        let hsts = security.hsts();
         // The last `.wrap` runs first. From the outside in: request log and id; security
         // headers and problem+json for every answer; CORS (preflights end there);
         // authentication, which identifies the caller or notes why it is refused; rate
@@ -78,7 +79,7 @@ where
             .wrap(from_fn(auth::authenticate))
             .wrap(security.cors())
             .wrap(from_fn(move |req, next| {
-                hardening::finish_responses(security.clone(), req, next)
+                hardening::finish_responses(hsts, req, next)
             }))
             .wrap(from_fn(request_id::request_context))
             .app_data(web::Data::from(stack.auth.clone()))
