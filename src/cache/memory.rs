@@ -7,8 +7,9 @@ use moka::ops::compute::Op;
 use super::{Cache, CachePolicy};
 
 pub struct MemoryCache {
-    /// The version and the value of each key.
-    entries: moka::future::Cache<String, (u64, String)>,
+    /// The version and the value of each key, hashed with foldhash (seeded per process)
+    /// rather than SipHash.
+    entries: moka::future::Cache<String, (u64, String), foldhash::quality::RandomState>,
 }
 
 impl MemoryCache {
@@ -17,7 +18,7 @@ impl MemoryCache {
             entries: moka::future::Cache::builder()
                 .max_capacity(policy.max_entries)
                 .time_to_live(policy.ttl)
-                .build(),
+                .build_with_hasher(Default::default()),
         }
     }
 }

@@ -136,8 +136,10 @@ pub struct TokenVerifier {
     /// checking a signature and parsing the claims took an eighth of the CPU of a cached
     /// `GET /api/users/{uuid}`. An entry is used only while its token's `exp` is ahead
     /// (see [`VerifiedToken::is_live`]) and, for a JWKS key's token, while the key set
-    /// that verified it is still the current one; refusals are not remembered.
-    verified: moka::sync::Cache<String, Remembered>,
+    /// that verified it is still the current one; refusals are not remembered. Keys are
+    /// hashed with foldhash (seeded per process) rather than SipHash: a token is a few
+    /// hundred bytes, hashed on every authenticated request.
+    verified: moka::sync::Cache<String, Remembered, foldhash::quality::RandomState>,
     /// Verifies HS256 and nothing else.
     hs256: Option<Arc<DecodingKey>>,
     /// Each key verifies its own RS*/PS*/ES* algorithm and nothing else.
@@ -171,7 +173,7 @@ impl TokenVerifier {
             verified: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
                 .time_to_live(VERIFIED_TTL)
-                .build(),
+                .build_with_hasher(Default::default()),
             hs256,
             jwks,
             issuer: settings.issuer.clone(),
