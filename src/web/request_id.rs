@@ -41,8 +41,9 @@ impl RequestId {
             .map_or_else(Self::generate, |v| Self(v.to_owned()))
     }
 
-    /// A new id: a UUIDv7, encoded straight into its string rather than through
-    /// `Display` and the formatting machinery (one request in every request path).
+    /// A new id, for every request without a usable `X-Request-Id`: a UUIDv7 in its
+    /// hyphenated lower-case form, encoded straight into the string rather than through
+    /// `Display` and the formatting machinery.
     fn generate() -> Self {
         let mut buffer = Uuid::encode_buffer();
         Self(
@@ -164,7 +165,9 @@ mod tests {
             let v = HeaderValue::from_str(raw).unwrap();
             let id = RequestId::from_header(Some(&v));
             assert_ne!(id.as_str(), raw);
-            assert!(Uuid::parse_str(id.as_str()).is_ok());
+            let uuid = Uuid::parse_str(id.as_str()).unwrap();
+            assert_eq!(uuid.get_version_num(), 7);
+            assert_eq!(id.as_str(), uuid.to_string(), "the canonical form");
         }
     }
 }
