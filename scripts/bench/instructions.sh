@@ -51,31 +51,26 @@ count() {
         APP__DATABASE__URL="sqlite://$work/run/userhub.db"
         APP__DOCUMENTS__URL="sqlite://$work/run/userhub.db"
         APP__CACHE__URL=memory:// APP__BUS__URL=memory://)
-    env "${env[@]}" "$userhub" migrate >"$work/run/migrate.log" 2>&1
+    if ! env "${env[@]}" "$userhub" migrate >"$work/run/migrate.log" 2>&1; then
+        echo "instructions: userhub migrate failed; end of its log:" >&2
+        tail -n 20 "$work/run/migrate.log" >&2
+        exit 1
+    fi
     # Instrumentation starts off (start-up is not counted) and is switched on and off
     # around the measured requests with callgrind_control.
     env "${env[@]}" valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
         --callgrind-out-file="$work/run/callgrind.out.%p" \
         "$userhub" serve >"$work/run/server.log" 2>&1 &
     server=$!
+    if ! python3 "$helper" wait-up "http://127.0.0.1:$port/health" "$server" "$(date +%s.%N)" 120 >/dev/null; then
+        echo "instructions: the server did not come up; end of its log:" >&2
+        tail -n 20 "$work/run/server.log" >&2
+        exit 1
+    fi
     python3 - "$port" "$token" "$n" "$kind" "$server" <<'PY'
-import http.client, json, subprocess, sys, time
+import http.client, json, subprocess, sys
 
 port, token, n, kind, server = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-deadline = time.monotonic() + 120
-while True:
-    try:
-        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        probe.request("GET", "/health")
-        if probe.getresponse().status == 200:
-            break
-    except (OSError, http.client.HTTPException):
-        pass
-    finally:
-        probe.close()
-    if time.monotonic() > deadline:
-        sys.exit("instructions: the server did not answer /health within 120 s")
-    time.sleep(0.2)
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 auth = {"Authorization": "Bearer " + token}
 conn.request("POST", "/api/users", body=json.dumps({"name": "Ada Lovelace", "email": "ada@example.com"}),
@@ -110,7 +105,9 @@ PY
     local total=0 part count
     for part in "$work"/run/callgrind.out.*; do
         count="$(awk '/^totals:/ {print $2; exit}' "$part")"
-        [ "${count:-0}" -gt "$total" ] && total=$count
+        if [ "${count:-0}" -gt "$total" ]; then
+            total=$count
+        fi
     done
     if [ -n "${INSTRUCTIONS_KEEP:-}" ]; then
         mkdir -p "$INSTRUCTIONS_KEEP/$kind"
