@@ -228,18 +228,9 @@ audience="userhub"
 token="$(python3 "$helper" token "$secret" "$issuer" "$audience")"
 
 # The settings of every userhub process of the run; a profile's URLs come on top.
-userhub_env=(
-    APP_ENV=production
-    APP__SERVER__HOST=127.0.0.1
-    APP__SERVER__DRAIN_SECS=0
-    APP__SERVER__SHUTDOWN_TIMEOUT_SECS=5
-    APP__AUTH__HS256_SECRET="$secret"
-    APP__AUTH__ISSUER="$issuer"
-    APP__AUTH__AUDIENCE="$audience"
-    APP__CONSOLE__SESSION_KEY="bench-console-session-key-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
-    APP__RATE_LIMIT__ENABLED=false
-    APP__LOG__LEVEL=warn
-)
+# shellcheck source=scripts/bench/settings.sh
+source "$root/scripts/bench/settings.sh"
+userhub_settings "$secret" "$issuer" "$audience"
 
 # wait_up NAME URL PID T0 [RESULTS_KEY]: polls URL until it answers 200 (see helper.py
 # wait-up); with RESULTS_KEY records the start-up time and the idle RSS.
@@ -365,7 +356,7 @@ ceiling_t0="$(date +%s.%N)"
 "$ceiling" "127.0.0.1:$port" >"$work/ceiling.log" 2>&1 &
 ceiling_pid=$!
 pids+=("$ceiling_pid")
-ceiling_url="http://127.0.0.1:$port/api/users/0193a0a0-0000-7000-8000-000000000000"
+ceiling_url="http://127.0.0.1:$port$ceiling_path"
 wait_up ceiling "$ceiling_url" "$ceiling_pid" "$ceiling_t0"
 run_wrk ceiling_get "$DURATION" "$ceiling_url"
 

@@ -11,8 +11,11 @@
 #
 #   scripts/bench/instructions.sh [BINARY] [N]   default: target/release/userhub, 2000
 #
-# Prints one line each for GET /health and a cached GET /api/users/{uuid}. For where the
-# instructions go, keep the profile (INSTRUCTIONS_KEEP=DIR) and read it with
+# Prints one line each for GET /health and a cached GET /api/users/{uuid}, then the
+# same count for the benchmark's ceiling (examples/ceiling.rs, a bare actix-web JSON
+# handler) when it sits beside the binary (BINARY's directory/examples/ceiling, as cargo
+# builds it), and the cached GET's count as a multiple of the ceiling's. For where the
+# instructions go, keep the profiles (INSTRUCTIONS_KEEP=DIR) and read them with
 # `callgrind_annotate DIR/get/callgrind.out.*` (a binary with symbols: build with
 # CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
 set -euo pipefail
@@ -21,6 +24,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 helper="$root/scripts/bench/helper.py"
 userhub="${1:-$root/target/release/userhub}"
 n="${2:-2000}"
+ceiling="$(dirname "$userhub")/examples/ceiling"
 [ -x "$userhub" ] || { echo "instructions: no binary at $userhub (cargo build --release)" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "instructions: valgrind is not installed" >&2; exit 2; }
 
@@ -38,20 +42,25 @@ trap cleanup EXIT
 secret="instructions-hs256-secret-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
 token="$(python3 "$helper" token "$secret" urn:userhub:local userhub)"
 
-# count PATH_KIND: one server under callgrind, N requests of PATH_KIND (health or get).
+# shellcheck source=scripts/bench/settings.sh
+source "$root/scripts/bench/settings.sh"
+userhub_settings "$secret" urn:userhub:local userhub
+
+# count KIND: one server under callgrind, N requests of KIND: health or get (userhub,
+# GET /health or a cached GET of a user it creates first) or ceiling (examples/ceiling).
 count() {
     local kind=$1 port
     port="$(python3 "$helper" free-port)"
     rm -rf "$work/run" && mkdir -p "$work/run"
-    local env=(APP_ENV=production APP__SERVER__HOST=127.0.0.1 APP__SERVER__PORT="$port"
-        APP__SERVER__DRAIN_SECS=0 APP__AUTH__HS256_SECRET="$secret"
-        APP__AUTH__ISSUER=urn:userhub:local APP__AUTH__AUDIENCE=userhub
-        APP__CONSOLE__SESSION_KEY="instructions-console-session-key-$RANDOM$RANDOM"
-        APP__RATE_LIMIT__ENABLED=false APP__LOG__LEVEL=warn
+    local env=("${userhub_env[@]}" APP__SERVER__PORT="$port"
         APP__DATABASE__URL="sqlite://$work/run/userhub.db"
         APP__DOCUMENTS__URL="sqlite://$work/run/userhub.db"
         APP__CACHE__URL=memory:// APP__BUS__URL=memory://)
-    if ! env "${env[@]}" "$userhub" migrate >"$work/run/migrate.log" 2>&1; then
+    local server_cmd=("$userhub" serve) up_path=/health
+    if [ "$kind" = ceiling ]; then
+        server_cmd=("$ceiling" "127.0.0.1:$port")
+        up_path=$ceiling_path
+    elif ! env "${env[@]}" "$userhub" migrate >"$work/run/migrate.log" 2>&1; then
         echo "instructions: userhub migrate failed; end of its log:" >&2
         tail -n 20 "$work/run/migrate.log" >&2
         exit 1
@@ -60,25 +69,30 @@ count() {
     # around the measured requests with callgrind_control.
     env "${env[@]}" valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
         --callgrind-out-file="$work/run/callgrind.out.%p" \
-        "$userhub" serve >"$work/run/server.log" 2>&1 &
+        "${server_cmd[@]}" >"$work/run/server.log" 2>&1 &
     server=$!
-    if ! python3 "$helper" wait-up "http://127.0.0.1:$port/health" "$server" "$(date +%s.%N)" 120 >/dev/null; then
+    if ! python3 "$helper" wait-up "http://127.0.0.1:$port$up_path" "$server" "$(date +%s.%N)" 120 >/dev/null; then
         echo "instructions: the server did not come up; end of its log:" >&2
         tail -n 20 "$work/run/server.log" >&2
         exit 1
     fi
-    python3 - "$port" "$token" "$n" "$kind" "$server" <<'PY'
+    python3 - "$port" "$token" "$n" "$kind" "$server" "$ceiling_path" <<'PY'
 import http.client, json, subprocess, sys
 
-port, token, n, kind, server = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+port, token, n, kind, server, ceiling_path = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 auth = {"Authorization": "Bearer " + token}
-conn.request("POST", "/api/users", body=json.dumps({"name": "Ada Lovelace", "email": "ada@example.com"}),
-             headers={**auth, "Content-Type": "application/json"})
-created = conn.getresponse()
-assert created.status == 201, created.status
-uuid = json.loads(created.read())["uuid"]
-path, headers = ("/health", {}) if kind == "health" else (f"/api/users/{uuid}", auth)
+if kind == "health":
+    path, headers = "/health", {}
+elif kind == "ceiling":
+    path, headers = ceiling_path, {}  # as scripts/bench.sh asks it: no token
+else:
+    conn.request("POST", "/api/users", body=json.dumps({"name": "Ada Lovelace", "email": "ada@example.com"}),
+                 headers={**auth, "Content-Type": "application/json"})
+    created = conn.getresponse()
+    assert created.status == 201, created.status
+    uuid = json.loads(created.read())["uuid"]
+    path, headers = f"/api/users/{uuid}", auth
 
 def send(count):
     for _ in range(count):
@@ -113,10 +127,19 @@ PY
         mkdir -p "$INSTRUCTIONS_KEEP/$kind"
         cp "$work"/run/callgrind.out.* "$INSTRUCTIONS_KEEP/$kind/"
     fi
+    counted=$((total / n))
     local label="GET /health"
     [ "$kind" = get ] && label="GET /api/users/{uuid}, memory cache hit"
-    echo "$label: $((total / n)) instructions a request ($n requests)"
+    [ "$kind" = ceiling ] && label="GET /api/users/{uuid}, the ceiling (examples/ceiling)"
+    echo "$label: $counted instructions a request ($n requests)"
 }
 
 count health
 count get
+if [ -x "$ceiling" ]; then
+    get=$counted
+    count ceiling
+    python3 -c 'import sys; print(f"cached GET / ceiling: {int(sys.argv[1]) / int(sys.argv[2]):.2f} times the instructions")' "$get" "$counted"
+else
+    echo "instructions: no ceiling at $ceiling (cargo build --release --example ceiling); not counted" >&2
+fi
