@@ -22,8 +22,8 @@ use uuid::Uuid;
 /// mimalloc rather than the C library's malloc: a request allocates and frees many
 /// small blocks, and glibc's malloc and free were 12% of a cached `GET`'s instructions
 /// (5,600 of 46,000); with mimalloc the request runs about 7% fewer (README,
-/// "Performance"). Built without transparent huge pages (Cargo.toml): with them each
-/// thread's first pages came as 2 MiB ones and the idle RSS went from 27 to 50 MB.
+/// "Performance"). Built without transparent huge pages (Cargo.toml): with them 28 MB
+/// of the idle RSS were 2 MiB pages, and it went from 27 to 50 MB (30 MB without).
 /// examples/ceiling.rs, the benchmark's ceiling, uses it too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
