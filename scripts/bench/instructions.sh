@@ -48,6 +48,7 @@ userhub_settings "$secret" urn:userhub:local userhub
 
 # count KIND: one server under callgrind, N requests of KIND: health or get (userhub,
 # GET /health or a cached GET of a user it creates first) or ceiling (examples/ceiling).
+# Prints the instructions a request and leaves them in `counted`.
 count() {
     local kind=$1 port
     port="$(python3 "$helper" free-port)"

@@ -4,7 +4,7 @@
 
 # examples/ceiling.rs answers any uuid with a fixed user; the benchmarks ask for this one.
 ceiling_path=/api/users/0193a0a0-0000-7000-8000-000000000000
-#
+
 # userhub_settings SECRET ISSUER AUDIENCE: sets the array userhub_env to those settings;
 # a profile's URLs and the port come on top (a later VAR=VALUE wins with env).
 userhub_settings() {

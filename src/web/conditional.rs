@@ -55,8 +55,8 @@ static JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// `200` with a body already serialized as JSON and `tag` as its `ETag`. The headers
 /// are written as values: the builder's typed headers go through `Display` and check
-/// each byte again, which was a tenth of a cached `GET`'s instructions in userhub's
-/// own code (README, "Performance").
+/// each byte again (834 of a cached `GET`'s 42,714 instructions; README,
+/// "Performance").
 fn tagged_json_response(tag: &EntityTag, body: impl MessageBody + 'static) -> HttpResponse {
     let mut response = HttpResponse::with_body(StatusCode::OK, body).map_into_boxed_body();
     let headers = response.headers_mut();
@@ -84,7 +84,7 @@ pub fn json_tagged<T: Serialize>(req: &HttpRequest, tag: EntityTag, body: &T) ->
         return not_modified(tag);
     }
     HttpResponse::Ok()
-        .insert_header(header::ETag(tag))
+        .insert_header((header::ETAG, etag_value(&tag)))
         .json(body)
 }
 
