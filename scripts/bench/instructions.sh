@@ -5,8 +5,8 @@
 # valgrind's callgrind; one keep-alive connection sends N requests after a warm-up, and
 # the count is the user-space instructions of the HTTP worker thread that served them.
 # Unlike requests a second, the count does not depend on what else the machine is doing:
-# the same binary gave the same figure within 0.2% in repeated runs, so it shows changes
-# of a percent or two that wrk's noise hides. It leaves out the kernel (sockets,
+# the same binary gave the same figure within 0.5% in repeated runs (0.2% on one
+# machine), so it shows changes of a percent or two that wrk's noise hides. It leaves out the kernel (sockets,
 # scheduling): 40-57% of the CPU samples of a cached GET under wrk, in two profiles.
 #
 #   scripts/bench/instructions.sh [BINARY] [N]   default: target/release/userhub, 2000
@@ -40,11 +40,13 @@ cleanup() {
 trap cleanup EXIT
 
 secret="instructions-hs256-secret-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
-token="$(python3 "$helper" token "$secret" urn:userhub:local userhub)"
+issuer=urn:userhub:local
+audience=userhub
+token="$(python3 "$helper" token "$secret" "$issuer" "$audience")"
 
 # shellcheck source=scripts/bench/settings.sh
 source "$root/scripts/bench/settings.sh"
-userhub_settings "$secret" urn:userhub:local userhub
+userhub_settings "$secret" "$issuer" "$audience"
 
 # count KIND: one server under callgrind, N requests of KIND: health or get (userhub,
 # GET /health or a cached GET of a user it creates first) or ceiling (examples/ceiling).
