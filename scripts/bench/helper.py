@@ -585,6 +585,14 @@ UNGUARDED_ON_DEBUG = {
                            "speed, which the POST ratio already guards",
 }
 
+# Rows whose guard on debug binaries takes a smaller scale than BENCH_GOAL_SCALE, and
+# why (printed whenever they are).
+DEBUG_SCALE = {
+    "services_post": (0.2, "the debug server is CPU-bound near 1,200 req/s while pgbench, "
+                           "which no longer waits for a NOTIFY at each commit, reaches "
+                           "about 10,000: 0.12 of it in one quick run"),
+}
+
 
 def fmt_rate(r, unit="req/s"):
     if r is None:
@@ -618,6 +626,7 @@ class Table:
         self.debug = results.get("profile") == "debug"
         self.failures = []
         self.unguarded = {}
+        self.rescaled = {}
         self.lines = []
 
     def row(self, label, value, ceiling="—", check="—", goal="—"):
@@ -644,9 +653,13 @@ class Table:
 
     def at_least(self, key, value, goal, what):
         """A ratio or rate that should be ≥ goal."""
-        if value < goal * self.scale / 2:
+        scale = self.scale
+        if self.debug and key in DEBUG_SCALE:
+            scale, why = DEBUG_SCALE[key]
+            self.rescaled[key] = f"goal × {scale}: {why}"
+        if value < goal * scale / 2:
             self.fail(key, f"{what} {value:,.2f} < half of goal {goal:,}"
-                      + (f" × {self.scale}" if self.scale != 1 else ""))
+                      + (f" × {scale}" if scale != 1 else ""))
         return mark(value >= goal)
 
     def at_most(self, key, value, goal, unit):
@@ -708,10 +721,19 @@ def rate_rows(t):
     if post is None or post.get("p99_ms") is None:
         t.missing(key, label, "≤ 50 ms")
     else:
+        # Met only at that rate: a server that falls short of it answers from a queue
+        # of its own, and the p99 is not the one asked for. Within 15%, as the
+        # half-load rows.
         target = r.get("services_post_paced_target")
-        load_s = f"POST at {post.get('rps', 0):,.0f} req/s" + (f", target {target}" if target else "")
-        t.row(label, f"{post['p99_ms']:.1f} ms", load_s,
-              check=t.at_most(key, post["p99_ms"], 50, "ms"), goal="≤ 50 ms")
+        rps = post.get("rps", 0)
+        reached = target is None or rps >= 0.85 * float(target)
+        load_s = f"POST at {rps:,.0f} req/s" + (
+            f", target {target} ({'reached' if reached else 'not reached'} within 15%)"
+            if target else "")
+        check = t.at_most(key, post["p99_ms"], 50, "ms")
+        if not reached:
+            check = mark(False)
+        t.row(label, f"{post['p99_ms']:.1f} ms", load_s, check=check, goal="≤ 50 ms")
 
 
 def keep_up_rows(t):
@@ -843,6 +865,8 @@ def table(path):
             print(f"- {note}")
     for key, why in sorted(t.unguarded.items()):
         print(f"bench: not guarded on debug binaries: {key}: {why}", file=sys.stderr)
+    for key, why in sorted(t.rescaled.items()):
+        print(f"bench: guarded on debug binaries with {key}'s {why}", file=sys.stderr)
     if t.failures:
         print("", file=sys.stderr)
         for f in t.failures:
