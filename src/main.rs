@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 use userhub::bus::ReplayFilter;
 use userhub::config::Settings;
+use userhub::db::Database;
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -263,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
 const REENRICH_PAGE: u32 = 500;
 
 async fn reenrich(settings: &Settings, selection: &Selection) -> anyhow::Result<()> {
-    let users = open_users(settings).await?;
+    let (users, database) = open_users(settings).await?;
     let total = users.count(selection).await?;
     // Drawn only on a terminal; logs and scripts get the summary line alone.
     let bar = ProgressBar::new(total);
@@ -277,6 +278,11 @@ async fn reenrich(settings: &Settings, selection: &Selection) -> anyhow::Result<
         })
         .await?;
     bar.finish_and_clear();
+    if let Database::Postgres(pool) = &database
+        && let Err(error) = userhub::outbox::notify_relays(pool).await
+    {
+        tracing::warn!(%error, "cannot NOTIFY the outbox relays; they will poll");
+    }
     println!("queued {republished} users for re-enrichment");
     Ok(())
 }

@@ -21,19 +21,68 @@ use crate::db::{Database, DbTime, DbUuid, Tx};
 use crate::resilience::Backoff;
 use crate::with_tx;
 
-/// PostgreSQL channel notified by every commit that wrote outbox rows, so relays in
-/// other processes wake at once.
+/// PostgreSQL channel on which relays in other processes are woken (see
+/// [`OutboxSignal::notifying`]).
 pub const NOTIFY_CHANNEL: &str = "userhub_outbox";
 
-/// Wakes the relay right after a commit that wrote outbox rows, so delivery does not
-/// wait for the next poll.
+/// Wakes the relays right after a commit that wrote outbox rows, so delivery does not
+/// wait for the next poll: the relay of this process, and with
+/// [`OutboxSignal::notifying`] the relays of other processes too.
 #[derive(Debug, Clone, Default)]
-pub struct OutboxSignal(Arc<Notify>);
+pub struct OutboxSignal {
+    local: Arc<Notify>,
+    /// Wakes the task that sends the `NOTIFY` for other processes, if there is one.
+    remote: Option<Arc<Notify>>,
+}
 
 impl OutboxSignal {
-    pub fn notify(&self) {
-        self.0.notify_one();
+    /// A signal that also wakes the relays of other processes (those `LISTEN`ing on
+    /// [`NOTIFY_CHANNEL`]), for a process that writes outbox rows but runs no relay.
+    ///
+    /// The `NOTIFY` is sent after the commit, by a task of its own, rather than by the
+    /// committing transaction: PostgreSQL serialises the commits of every transaction
+    /// that notifies, under one lock held through the commit's WAL flush, which took
+    /// the create statement from 12,114 to 4,935 tps (pgbench, 16 clients). Commits
+    /// that come while a `NOTIFY` is on its way share the next one, so there is at most
+    /// one in flight per process. A lost one (the database unreachable just then) only
+    /// leaves the rows to the relays' next poll. Ends with `shutdown`.
+    pub fn notifying(pool: sqlx::PgPool, shutdown: CancellationToken) -> Self {
+        let remote = Arc::new(Notify::new());
+        let wake = remote.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    // A wake-up that comes during the send is stored, as one permit.
+                    () = wake.notified() => {}
+                }
+                if let Err(error) = notify_relays(&pool).await {
+                    tracing::warn!(%error, "cannot NOTIFY the outbox relays; they will poll");
+                }
+            }
+        });
+        Self {
+            local: Arc::default(),
+            remote: Some(remote),
+        }
     }
+
+    pub fn notify(&self) {
+        self.local.notify_one();
+        if let Some(remote) = &self.remote {
+            remote.notify_one();
+        }
+    }
+}
+
+/// Wakes the relays `LISTEN`ing on [`NOTIFY_CHANNEL`], in a transaction of its own. It
+/// writes nothing else, so PostgreSQL does not wait for its commit to reach the disk.
+pub async fn notify_relays(pool: &sqlx::PgPool) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(pool)
+        .await
+        .map(drop)
 }
 
 /// The statement that adds an event to the outbox, `$1` to `$6` bound by [`bind`]. A
@@ -66,8 +115,8 @@ where
         .bind(envelope.subject()))
 }
 
-/// Adds `envelope` to the outbox inside the caller's transaction. On PostgreSQL a
-/// trigger notifies the relays of other processes when that transaction commits.
+/// Adds `envelope` to the outbox inside the caller's transaction. Wake the relays with
+/// [`OutboxSignal::notify`] once it has committed.
 pub async fn enqueue(tx: &mut Tx, envelope: &Envelope) -> sqlx::Result<()> {
     with_tx!(tx, |conn| bind(sqlx::query(INSERT), envelope)?
         .execute(&mut **conn)
@@ -375,7 +424,7 @@ impl OutboxRelay {
             let notified = tokio::select! {
                 () = shutdown.cancelled() => break,
                 // After a failure, new writes must not cut the backoff short.
-                () = self.signal.0.notified(), if consecutive_errors == 0 => Ok(false),
+                () = self.signal.local.notified(), if consecutive_errors == 0 => Ok(false),
                 notified = next_notification(listener.as_mut()), if listening => notified.map(|()| true),
                 () = tokio::time::sleep(wait) => Ok(false),
             };
@@ -404,7 +453,7 @@ impl OutboxRelay {
     /// notification was taken, or the error of a listener that failed meanwhile.
     fn take_waiting_wakeups(&self, listener: Option<&mut PgListener>) -> sqlx::Result<bool> {
         // Polled once: a stored permit is taken; otherwise nothing is registered.
-        let _ = self.signal.0.notified().now_or_never();
+        let _ = self.signal.local.notified().now_or_never();
         let Some(listener) = listener else {
             return Ok(false);
         };

@@ -45,20 +45,22 @@ pub fn refuse_traps(settings: &Settings, roles: Roles) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The users module on `database.url`, for one-shot commands (`userhub reenrich`): its
-/// events wait in the outbox for a running relay.
-pub async fn open_users(settings: &Settings) -> anyhow::Result<Users> {
+/// The users module on `database.url`, for one-shot commands (`userhub reenrich`), and
+/// that database: its events wait in the outbox for a running relay, which the command
+/// wakes with [`crate::outbox::notify_relays`] when it is done.
+pub async fn open_users(settings: &Settings) -> anyhow::Result<(Users, Database)> {
     let database = open_database(settings).await?;
     // Republishing reads no cache; a small private one keeps the facade whole.
     let cache = Arc::new(MemoryCache::new(CachePolicy {
         ttl: Duration::from_secs(settings.cache.ttl_secs),
         max_entries: 1,
     }));
-    Ok(Users::new(
-        Arc::new(SqlUserRepository::new(database)),
+    let users = Users::new(
+        Arc::new(SqlUserRepository::new(database.clone())),
         OutboxSignal::default(),
         cache,
-    ))
+    );
+    Ok((users, database))
 }
 
 /// In production, locks each SQLite file this process serves (see `db::lock_sqlite`),

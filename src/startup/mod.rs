@@ -27,6 +27,7 @@ use crate::app::{Console, Gauges, ProcessState, Readiness, Required, Routes};
 use crate::bus::{EventBus, InProcessBus, RabbitBus};
 use crate::config::{Settings, scheme_of};
 use crate::crypto::install_crypto_provider;
+use crate::db::Database;
 use crate::enrichment::{self, Enrichment, ProfileStore};
 use crate::metrics::{MeteredCache, MeteredHandler, Metrics};
 use crate::outbox::{OutboxRelay, OutboxSignal};
@@ -159,7 +160,15 @@ impl Application {
             store = wrap(store);
         }
 
-        let signal = OutboxSignal::default();
+        // A process that serves the API (and so writes outbox rows) but runs no relay
+        // wakes the relays of the others; on PostgreSQL only, as a SQLite database has
+        // no relay in another process.
+        let signal = match &database {
+            Database::Postgres(pool) if roles.api && !roles.relay => {
+                OutboxSignal::notifying(pool.clone(), shutdown.clone())
+            }
+            _ => OutboxSignal::default(),
+        };
         let repository = Arc::new(SqlUserRepository::new(database.clone()));
         let users = Users::new(repository, signal.clone(), cache.clone());
         let enrichment = Enrichment::new(

@@ -1,8 +1,8 @@
 //! PostgreSQL-only guarantees of the outbox relay: concurrent relays share the outbox
-//! without publishing a row twice or skipping one, LISTEN/NOTIFY wakes a relay in
-//! another process at once, and notifications that pile up during a batch cost one
-//! more batch, not one each. And of the pool: a connection cut while idle is replaced,
-//! not handed out.
+//! without publishing a row twice or skipping one, a NOTIFY sent after the commit (not
+//! by it) wakes a relay in another process at once, and notifications that pile up
+//! during a batch cost one more batch, not one each. And of the pool: a connection cut
+//! while idle is replaced, not handed out.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandler, ReplayFilter};
 use userhub::config::Settings;
 use userhub::db::Database;
-use userhub::outbox::{OutboxRelay, OutboxSignal};
+use userhub::outbox::{OutboxRelay, OutboxSignal, notify_relays};
 use userhub::users::{Email, NewUser, SqlUserRepository, UserName, UserRepository};
 
 use crate::helpers::{DEADLINE, PgTestDatabase, eventually};
@@ -204,8 +204,12 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
         started.elapsed()
     };
     wait_for(1).await;
-    // Written through another pool, as another process would: no in-process signal.
+    // Written through another pool, as another process would, whose signal sends the
+    // NOTIFY after the commit.
+    let stop_notifying = CancellationToken::new();
+    let other_process = OutboxSignal::notifying(pool.clone(), stop_notifying.clone());
     create_users(&pool, 1..2).await;
+    other_process.notify();
     let took = wait_for(2).await;
     assert!(took < Duration::from_secs(5), "woken after {took:?}");
 
@@ -230,10 +234,40 @@ async fn a_commit_in_another_process_wakes_the_relay_through_notify() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     create_users(&pool, 2..3).await;
+    other_process.notify();
     let took = wait_for(3).await;
     assert!(took < Duration::from_secs(5), "woken after {took:?}");
+    stop_notifying.cancel();
     shutdown.cancel();
     running.await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_commit_that_writes_outbox_rows_does_not_notify() {
+    if service_url(POSTGRES).is_none() {
+        return;
+    }
+    let test_db = PgTestDatabase::create().await;
+    let (_database, pool) = migrated(&test_db).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("userhub_outbox").await.unwrap();
+    create_users(&pool, 0..3).await;
+    // Notifications arrive in commit order: had a create notified (and so taken
+    // PostgreSQL's commit lock for notifying transactions), it would come first.
+    sqlx::query("SELECT pg_notify('userhub_outbox', 'after the creates')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(DEADLINE, listener.recv())
+        .await
+        .expect("no notification at all")
+        .unwrap();
+    assert_eq!(first.payload(), "after the creates");
+    // The listener holds one of the pool's connections, which `close` waits for.
+    drop(listener);
     pool.close().await;
 }
 
@@ -263,7 +297,9 @@ async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
             .unwrap()
     })
     .await;
+    // Each create is followed by the NOTIFY its process's signal would send.
     create_users(&pool, 0..1).await;
+    notify_relays(&pool).await.unwrap();
     batches(2).await;
     // While that batch is held, 50 notifications arrive, as 50 commits of other
     // processes would send them (their rows are already in the held batch's read or
@@ -277,6 +313,7 @@ async fn notifications_that_pile_up_during_a_batch_cost_one_more_batch() {
     assert_eq!(batches(3).await, [0, 1, 0]);
     // The relay is idle again: the next commit gets the next batch.
     create_users(&pool, 1..2).await;
+    notify_relays(&pool).await.unwrap();
     assert_eq!(batches(4).await, [0, 1, 0, 1]);
     shutdown.cancel();
     running.await.unwrap();
