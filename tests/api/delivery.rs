@@ -253,6 +253,46 @@ async fn a_user_created_while_the_relay_is_stopped_is_enriched_after_a_restart()
     restarted.stop().await;
 }
 
+/// On PostgreSQL, a process that serves the API without a relay wakes the relays of
+/// the others with a `NOTIFY` after its commits: here a relay that would otherwise
+/// poll once in ten minutes. (SQLite has no relay in another process.)
+#[tokio::test]
+async fn an_api_process_without_a_relay_wakes_the_relay_of_another() {
+    let api_only = spawn_app().await;
+    if api_only.storage.postgres.is_none() {
+        return;
+    }
+    let relay_only = spawn(Spawn {
+        roles: Roles {
+            api: false,
+            relay: true,
+            worker: false,
+        },
+        storage: Some(api_only.storage.clone()),
+        configure: Box::new(|settings| settings.outbox.poll_interval_ms = 600_000),
+        ..Spawn::default()
+    })
+    .await;
+    // Whenever the relay starts listening, a row committed before that is in its first
+    // batch, and one committed after it is notified.
+    api_only
+        .create_user("Ada Lovelace", "ada@example.com")
+        .await;
+    eventually("the relay woken", async || {
+        (api_only.outbox_unsent().await == 0).then_some(())
+    })
+    .await;
+    api_only
+        .create_user("Grace Hopper", "grace@example.com")
+        .await;
+    eventually("the relay woken again", async || {
+        (api_only.outbox_unsent().await == 0).then_some(())
+    })
+    .await;
+    relay_only.stop().await;
+    api_only.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_waiting_for_a_retry_survives_a_restart() {
     let (app, store) = spawn_with_store().await;
