@@ -278,10 +278,9 @@ async fn reenrich(settings: &Settings, selection: &Selection) -> anyhow::Result<
         })
         .await?;
     bar.finish_and_clear();
-    if let Database::Postgres(pool) = &database
-        && let Err(error) = userhub::outbox::notify_relays(pool).await
-    {
-        tracing::warn!(%error, "cannot NOTIFY the outbox relays; they will poll");
+    if let Database::Postgres(pool) = &database {
+        // A failure is logged there; the relays will poll.
+        let _ = userhub::outbox::notify_relays(pool).await;
     }
     println!("queued {republished} users for re-enrichment");
     Ok(())

@@ -56,9 +56,8 @@ impl OutboxSignal {
                     // A wake-up that comes during the send is stored, as one permit.
                     () = wake.notified() => {}
                 }
-                if let Err(error) = notify_relays(&pool).await {
-                    tracing::warn!(%error, "cannot NOTIFY the outbox relays; they will poll");
-                }
+                // A failure is logged there.
+                let _ = notify_relays(&pool).await;
             }
         });
         Self {
@@ -77,12 +76,16 @@ impl OutboxSignal {
 
 /// Wakes the relays `LISTEN`ing on [`NOTIFY_CHANNEL`], in a transaction of its own. It
 /// writes nothing else, so PostgreSQL does not wait for its commit to reach the disk.
+/// A failure is logged: the relays will find the rows at their next poll.
 pub async fn notify_relays(pool: &sqlx::PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(pool)
         .await
         .map(drop)
+        .inspect_err(
+            |error| tracing::warn!(%error, "cannot NOTIFY the outbox relays; they will poll"),
+        )
 }
 
 /// The statement that adds an event to the outbox, `$1` to `$6` bound by [`bind`]. A

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use userhub::bus::{Binding, BusError, DeadLetter, Envelope, EventBus, EventHandler, ReplayFilter};
 use userhub::config::Settings;
 use userhub::db::Database;
-use userhub::outbox::{OutboxRelay, OutboxSignal, notify_relays};
+use userhub::outbox::{NOTIFY_CHANNEL, OutboxRelay, OutboxSignal, notify_relays};
 use userhub::users::{Email, NewUser, SqlUserRepository, UserName, UserRepository};
 
 use crate::helpers::{DEADLINE, PgTestDatabase, eventually};
@@ -253,11 +253,12 @@ async fn a_commit_that_writes_outbox_rows_does_not_notify() {
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
-    listener.listen("userhub_outbox").await.unwrap();
+    listener.listen(NOTIFY_CHANNEL).await.unwrap();
     create_users(&pool, 0..3).await;
     // Notifications arrive in commit order: had a create notified (and so taken
     // PostgreSQL's commit lock for notifying transactions), it would come first.
-    sqlx::query("SELECT pg_notify('userhub_outbox', 'after the creates')")
+    sqlx::query("SELECT pg_notify($1, 'after the creates')")
+        .bind(NOTIFY_CHANNEL)
         .execute(&pool)
         .await
         .unwrap();
