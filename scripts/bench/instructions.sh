@@ -6,8 +6,9 @@
 # the count is the user-space instructions of the HTTP worker thread that served them.
 # Unlike requests a second, the count does not depend on what else the machine is doing:
 # the same binary gave the same figure within 0.5% in repeated runs (0.2% on one
-# machine), so it shows changes of a percent or two that wrk's noise hides. It leaves out the kernel (sockets,
-# scheduling): 40-57% of the CPU samples of a cached GET under wrk, in two profiles.
+# machine), so it shows changes of a percent or two that wrk's noise hides. It leaves
+# out the kernel (sockets, scheduling): 40-57% of the CPU samples of a cached GET under
+# wrk, in two profiles.
 #
 #   scripts/bench/instructions.sh [BINARY] [N]   default: target/release/userhub, 2000
 #
